@@ -1,0 +1,102 @@
+"""`emotiw doctor`: what Caffe and libraries this installation uses, and what is missing."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from emotiw.caffe_build import TOOLS
+
+FIX_INSTALL = "run `make install` in the emotiw checkout"
+
+
+def find_tool(name):
+    """Tools are linked into the venv's bin; fall back to PATH for other layouts."""
+    candidate = Path(sys.prefix) / "bin" / name
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which(name)
+
+
+def linked_libraries(path):
+    result = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
+    libraries = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"\s*(\S+) => (\S+)", line)
+        if match:
+            libraries[match.group(1)] = match.group(2)
+    return libraries
+
+
+def library_version(libraries, stem):
+    """The version in a linked library's soname or resolved file name, e.g. libprotobuf.so.32."""
+    for soname, resolved in libraries.items():
+        if soname.startswith(stem):
+            real = os.path.realpath(resolved)
+            return f"{Path(real).name} ({resolved})"
+    return None
+
+
+def collect():
+    """Returns (facts, problems): facts as (label, value) rows, problems as one-line fixes."""
+    facts, problems = [], []
+    facts.append(("python", f"{sys.version.split()[0]} ({sys.executable})"))
+    try:
+        import numpy
+        facts.append(("numpy", numpy.__version__))
+    except ImportError:
+        problems.append(f"numpy is not importable: {FIX_INSTALL}")
+    try:
+        import caffe
+    except Exception as error:  # a broken build raises ImportError or an ABI error
+        problems.append(f"pycaffe does not import ({error}): {FIX_INSTALL}")
+        caffe = None
+    if caffe is not None:
+        module = Path(caffe.__file__).resolve()
+        prefix = next((p for p in module.parents if (p / "emotiw-build.json").exists()), module.parent)
+        build = prefix / "emotiw-build.json"
+        info = json.loads(build.read_text()) if build.exists() else {}
+        if not info:
+            problems.append(f"pycaffe at {module.parent} was not built by emotiw: {FIX_INSTALL}")
+        facts.append(("caffe", f"{getattr(caffe, '__version__', '?')} from Debian source "
+                               f"{info.get('caffe_version', '?')}, BVLC commit {info.get('upstream_commit', '?')}"))
+        facts.append(("caffe build", f"{'GPU (CUDA)' if info.get('gpu') else 'CPU only'} at {prefix}"))
+        facts.append(("caffe patches", ", ".join(info.get("patches", [])) or "?"))
+        libcaffe = next(iter(sorted((prefix / "lib").glob("libcaffe.so*"))), None)
+        libraries = linked_libraries(libcaffe) if libcaffe else {}
+        blas = library_version(libraries, "libopenblas") or library_version(libraries, "libblas")
+        facts.append(("blas", blas or "not found"))
+        facts.append(("opencv (C++)", library_version(libraries, "libopencv_core") or "not linked"))
+        facts.append(("protobuf (C++)", library_version(libraries, "libprotobuf") or "not linked"))
+        if blas is None:
+            problems.append(f"libcaffe links no BLAS library: {FIX_INSTALL}")
+    for module, label in (("cv2", "opencv (python)"), ("google.protobuf", "protobuf (python)")):
+        try:
+            imported = __import__(module, fromlist=["__version__"])
+            facts.append((label, imported.__version__))
+        except ImportError:
+            problems.append(f"{module} is not importable: {FIX_INSTALL}")
+    for tool in TOOLS:
+        path = find_tool(tool)
+        facts.append((f"tool {tool}", path or "MISSING"))
+        if path is None:
+            problems.append(f"Caffe tool `{tool}` not found on PATH or in the venv: {FIX_INSTALL}")
+    return facts, problems
+
+
+def run(args):
+    facts, problems = collect()
+    width = max(len(label) for label, _ in facts)
+    for label, value in facts:
+        print(f"{label:<{width}}  {value}")
+    for problem in problems:
+        print(f"emotiw doctor: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("doctor", help="check the Caffe installation and libraries")
+    parser.set_defaults(func=run)
