@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 EMOTIW := $(VENV)/bin/emotiw
 
-.PHONY: install test nets doctor clean-venv
+.PHONY: install test nets doctor preprocess clean-venv
 
 install:
 	$(PYTHON) -m emotiw.caffe_build install
@@ -16,6 +16,11 @@ nets:
 
 doctor:
 	$(EMOTIW) doctor
+
+MODE ?= dsn
+preprocess:
+	@test -n "$(VIDEOS)" -a -n "$(OUT)" || { echo "usage: make preprocess VIDEOS=DIR OUT=DIR [MODE=dsn|sse] [ARGS='--workers 4 --lmdb']" >&2; exit 2; }
+	$(EMOTIW) preprocess --videos "$(VIDEOS)" --out "$(OUT)" --mode $(MODE) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

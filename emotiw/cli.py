@@ -15,6 +15,8 @@ from emotiw.errors import UserError
 COMMAND_MODULES = [
     "emotiw.doctor",
     "emotiw.fuse",
+    "emotiw.preprocess",
+    "emotiw.detect",
 ]
 
 
