@@ -346,6 +346,8 @@ def install():
             f"into {prefix}")
         build_caffe(orig, debian, info, flags, prefix)
     link_into_venv(prefix, info)
+    log("converting the MTCNN weights to caffemodels (models/mtcnn/)")
+    run([str(venv_python()), "-c", "from emotiw.mtcnn_caffe import ensure_models; ensure_models()"])
     log("done: .venv/bin/emotiw doctor checks the installation")
 
 
