@@ -8,7 +8,6 @@ flat folder with a label file (`clip,label` CSV, or RAF-DB's `list_patition_labe
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 
 from emotiw import EMOTIONS
 from emotiw.errors import UserError
-from emotiw.fileio import atomic_open
+from emotiw.fileio import atomic_open, replace_dir
 
 UNLABELLED = -1
 # RAF-DB basic numbers its classes 1..7 in this order.
@@ -216,17 +215,6 @@ def _run_tool(command):
         raise UserError(f"{Path(command[0]).name} failed (exit {result.returncode}): {' | '.join(tail)}")
 
 
-def _replace_dir(tmp, target):
-    """Puts the finished folder `tmp` at `target`, replacing an older one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def lmdb_order(lines, split):
     """Training LMDBs are read in order by Caffe's Data layer, which never shuffles: shuffle
     training lists with a fixed seed (convert_imageset's own --shuffle is seeded from the clock).
@@ -258,7 +246,7 @@ def build_lmdb(list_path, out_dir, split, gray=False):
                    "", str(work / "list.txt"), str(db)])
         _run_tool([caffe_tool("compute_image_mean"), "--backend=lmdb", str(db), str(work / "mean.binaryproto")])
         os.replace(work / "mean.binaryproto", mean)
-        _replace_dir(db, target)
+        replace_dir(db, target)
     with atomic_open(stamp_path) as handle:
         handle.write(stamp)
     return target, mean

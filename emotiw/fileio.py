@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def atomic_open(path, mode="w", **kwargs):
 def atomic_write_text(path, text):
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def replace_dir(finished, target):
+    """Puts the finished folder at `target`, replacing an older one only once the new one is complete."""
+    finished, target = Path(finished), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(finished, target)
+    if old is not None:
+        shutil.rmtree(old)

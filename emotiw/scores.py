@@ -144,9 +144,14 @@ def _load_mat_v73(path):
     variables = {}
     with h5py.File(path, "r") as handle:
         for name, item in handle.items():
-            if isinstance(item, h5py.Dataset) and item.dtype.kind in "iuf":
-                # MATLAB stores column-major: an N x C matrix is an HDF5 dataset of shape C x N
-                variables[name] = np.asarray(item).T
+            if not isinstance(item, h5py.Dataset) or item.dtype.kind not in "iuf":
+                continue
+            # MATLAB stores column-major: an N x C matrix is an HDF5 dataset of shape C x N
+            value = np.atleast_2d(np.asarray(item).T)
+            if item.attrs.get("MATLAB_class", b"") in (b"char", "char"):
+                # a char matrix holds one UTF-16 code unit per element, one string per row
+                value = np.array(["".join(map(chr, row)).rstrip("\x00 ") for row in value])
+            variables[name] = value
     return variables
 
 
