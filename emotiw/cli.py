@@ -14,9 +14,14 @@ from emotiw.errors import UserError
 
 COMMAND_MODULES = [
     "emotiw.doctor",
+    "emotiw.train",
     "emotiw.fuse",
     "emotiw.preprocess",
     "emotiw.detect",
+    "emotiw.nets.cli",
+    "emotiw.weights",
+    "emotiw.evaluate",
+    "emotiw.features",
 ]
 
 

@@ -1,0 +1,20 @@
+"""Generator options shared by every net builder. None means "the paper's default for this net"."""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    num_classes: int = 7
+    input_size: Optional[int] = None          # crop/input side; DSN 224 (256 resize), SSE 128 or 224
+    resize: Optional[int] = None              # ImageData new_height/new_width before cropping
+    color: bool = True                        # False: 1-channel grayscale input
+    mean_values: Optional[Sequence[float]] = None   # BGR means; exclusive with mean_file
+    mean_file: Optional[str] = None
+    train_batch: Optional[int] = None
+    test_batch: Optional[int] = None
+    train_source: Optional[str] = None        # ImageData list or LMDB path
+    val_source: Optional[str] = None
+    source_type: Optional[str] = None         # "list" (ImageData) or "lmdb" (Data layer)
+    holonet_branch_outputs: int = 14          # the released HoloNet heads have 14; 7 is the fix

@@ -1,0 +1,167 @@
+"""`emotiw train`: real `caffe train` runs of a registered net on tiny generated lists."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from emotiw.caffe_log import TrainingCurves
+from emotiw.cli import main
+
+NET = "sse_holonet_3conv-s_concat"
+SIZE = 48
+EMOTIW = str(Path(sys.prefix) / "bin" / "emotiw")
+
+
+def write_list(root, name, per_class, seed):
+    """Images whose bright band's position encodes the class, so the task is learnable."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    folder.mkdir(parents=True)
+    lines = []
+    for label in range(7):
+        for index in range(per_class):
+            image = rng.integers(0, 50, size=(SIZE, SIZE, 3), dtype=np.uint8)
+            band = slice(label * SIZE // 7, (label + 1) * SIZE // 7)
+            image[band] += 180
+            path = folder / f"{label}_{index}.png"
+            cv2.imwrite(str(path), image)
+            lines.append(f"{path} {label}")
+    listing = root / f"{name}.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    return write_list(root, "train", 2, seed=0), write_list(root, "val", 1, seed=1)
+
+
+def train_args(train, val, out, *extra):
+    return ["train", NET, "--train", str(train), "--val", str(val), "--out", str(out),
+            "--batch-size", "4", "--test-batch-size", "7", "--test-iter", "1", "--test-interval", "3",
+            "--snapshot", "3", "--display", "1", "--input-size", str(SIZE), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(lists, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(train_args(*lists, out, "--max-iter", "6")) == 0
+    return out
+
+
+def test_training_writes_log_curves_and_snapshots(trained):
+    assert (trained / "snapshots" / f"{NET}_iter_6.caffemodel").exists()
+    assert (trained / "snapshots" / f"{NET}_iter_3.solverstate").exists()
+    for name in ("train_val.prototxt", "solver.prototxt", "deploy.prototxt", "curves.png", "train.log"):
+        assert (trained / name).stat().st_size > 0
+    rows = list(csv.DictReader((trained / "curves.csv").open()))
+    total = [r for r in rows if r["phase"] == "train" and r["name"] == "total_loss"]
+    assert [int(r["iteration"]) for r in total] == list(range(6))
+    assert all(np.isfinite(float(r["value"])) for r in total)
+    tests = {int(r["iteration"]) for r in rows if r["phase"] == "test" and r["name"] == "accuracy"}
+    assert {0, 3, 6} <= tests
+    # every loss of the net appears as its own curve next to the total
+    assert {r["name"] for r in rows if r["phase"] == "train"} >= {"total_loss", "loss", "lr"}
+
+
+def test_curves_parse_the_real_log_the_same_way(trained):
+    curves = TrainingCurves()
+    for line in (trained / "train.log").read_text().splitlines():
+        curves.feed(line)
+    assert curves.iteration == 5
+    assert curves.snapshots and curves.snapshots[-1].endswith(".solverstate")
+    assert curves.best_test() is not None
+
+
+def test_sources_go_into_the_run_directory_not_the_committed_prototxt(lists, trained):
+    from emotiw import nets
+
+    committed = Path(nets.__file__).resolve().parents[2] / "prototxt" / NET / "train_val.prototxt"
+    train_list = str(lists[0].resolve())
+    assert train_list in (trained / "train_val.prototxt").read_text()
+    assert train_list not in committed.read_text()
+
+
+def test_resume_continues_from_the_newest_solverstate(lists, trained, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "snapshots").mkdir()
+    for suffix in ("caffemodel", "solverstate"):
+        source = trained / "snapshots" / f"{NET}_iter_6.{suffix}"
+        (out / "snapshots" / source.name).write_bytes(source.read_bytes())
+    assert main(train_args(*lists, out, "--max-iter", "8", "--resume")) == 0
+    log = (out / "train.log").read_text()
+    assert "Resuming from" in log
+    assert (out / "snapshots" / f"{NET}_iter_8.caffemodel").exists()
+
+
+def test_sigterm_snapshots_then_stops(lists, tmp_path):
+    out = tmp_path / "stopped"
+    process = subprocess.Popen([EMOTIW, *train_args(*lists, out, "--max-iter", "100000", "--snapshot", "0")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "Iteration 2 " in log.read_text()):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    snapshots = list((out / "snapshots").glob("*.caffemodel"))
+    assert snapshots, output
+    assert "Optimization stopped early" in log.read_text()
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "unreadable", "label"])
+def test_bad_lists_fail_with_one_line(lists, tmp_path, problem):
+    train, val = lists
+    bad = tmp_path / "bad.txt"
+    if problem == "empty":
+        bad.write_text("")
+    elif problem == "unreadable":
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"not a png")
+        bad.write_text(f"{broken} 0\n")
+    elif problem == "label":
+        bad.write_text(train.read_text().splitlines()[0].rsplit(" ", 1)[0] + " 9\n")
+    result = subprocess.run([EMOTIW, *train_args(bad, val, tmp_path / "out", "--max-iter", "2")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert {"missing": "not found", "empty": "empty", "unreadable": "not a readable image",
+            "label": "outside 0..6"}[problem] in message[0]
+
+
+def test_weights_for_another_net_are_refused(lists, tmp_path):
+    from emotiw.caffe_env import import_caffe
+    from caffe import layers as L
+
+    caffe = import_caffe()
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.other_conv = L.Convolution(n.data, num_output=2, kernel_size=3)
+    prototxt = tmp_path / "other.prototxt"
+    prototxt.write_text(str(n.to_proto()))
+    weights = tmp_path / "other.caffemodel"
+    caffe.Net(str(prototxt), caffe.TEST).save(str(weights))
+    result = subprocess.run([EMOTIW, *train_args(*lists, tmp_path / "out", "--max-iter", "2",
+                                                 "--weights", str(weights))], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "does not fit this net" in result.stderr and "Traceback" not in result.stderr
+    assert "NOTHING LOADED" in result.stdout
+
+
+def test_divergence_stops_and_keeps_the_last_good_snapshot(lists, tmp_path):
+    out = tmp_path / "diverged"
+    result = subprocess.run([EMOTIW, *train_args(*lists, out, "--max-iter", "200", "--base-lr", "1e12")],
+                            capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode != 0
+    assert "diverged" in result.stderr and "Traceback" not in result.stderr
