@@ -247,6 +247,10 @@ def cmake_flags(info, gpu):
     if gpu:
         flags += ["-DCPU_ONLY=OFF", "-DCUDA_ARCH_NAME=Manual",
                   f"-DCUDA_ARCH_BIN={CUDA_ARCH_BIN}", f"-DCUDA_ARCH_PTX={CUDA_ARCH_PTX}"]
+        # Without it FindCUDA takes the toolkit of the first nvcc on PATH; as a flag it is also
+        # part of the cache key, so a build against another toolkit is not reused.
+        if os.environ.get("CUDA_TOOLKIT_ROOT_DIR"):
+            flags.append(f"-DCUDA_TOOLKIT_ROOT_DIR={os.environ['CUDA_TOOLKIT_ROOT_DIR']}")
     else:
         flags += ["-DCPU_ONLY=ON"]
     return flags

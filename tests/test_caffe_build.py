@@ -77,6 +77,15 @@ def test_gpu_build_is_explicit_or_needs_a_driver(monkeypatch):
     assert "-DCPU_ONLY=ON" in caffe_build.cmake_flags(info, gpu=False)
 
 
+def test_cuda_toolkit_root_goes_to_gpu_builds_only(monkeypatch):
+    info = {"include": "/inc", "libdir": "/lib", "ldlibrary": "libpython3.so"}
+    monkeypatch.setenv("CUDA_TOOLKIT_ROOT_DIR", "/opt/cuda-13")
+    assert "-DCUDA_TOOLKIT_ROOT_DIR=/opt/cuda-13" in caffe_build.cmake_flags(info, gpu=True)
+    assert not any("CUDA_TOOLKIT_ROOT_DIR" in flag for flag in caffe_build.cmake_flags(info, gpu=False))
+    monkeypatch.delenv("CUDA_TOOLKIT_ROOT_DIR")
+    assert not any("CUDA_TOOLKIT_ROOT_DIR" in flag for flag in caffe_build.cmake_flags(info, gpu=True))
+
+
 def test_installed_caffe_is_linked_into_the_venv():
     prefix = Path(sys.prefix) / "emotiw-caffe"
     build = json.loads((prefix / "emotiw-build.json").read_text())
