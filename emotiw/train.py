@@ -160,7 +160,8 @@ def write_training_files(args, out, mean):
         raise UserError("--train and --val must both be list files or both be LMDBs")
     options = NetOptions(train_source=str(Path(args.train).resolve()), val_source=str(Path(args.val).resolve()),
                          source_type=kind, train_batch=args.batch_size, test_batch=args.test_batch_size,
-                         num_classes=args.num_classes, input_size=args.input_size, **mean)
+                         num_classes=args.num_classes, input_size=args.input_size,
+                         bn_moving_average_fraction=args.bn_moving_average_fraction, **mean)
     overrides = {field: value for field, value in (
         ("max_iter", args.max_iter), ("base_lr", args.base_lr), ("test_interval", args.test_interval),
         ("snapshot", args.snapshot), ("test_iter", args.test_iter), ("display", args.display))
@@ -291,6 +292,9 @@ def train(args):
     from emotiw import nets
 
     nets.get(args.net)  # an unknown name fails first, listing the valid ones
+    fraction = args.bn_moving_average_fraction
+    if fraction is not None and not 0 < fraction < 1:
+        raise UserError(f"--bn-moving-average-fraction must be between 0 and 1 (exclusive), not {fraction}")
     train_mean = preflight(args.train, args.val, args.num_classes, check_images=not args.skip_image_check)
     solver_path, solver, options = write_training_files(args, out, training_mean(args, train_mean))
     snapshot = None
@@ -342,6 +346,10 @@ def register(subparsers):
     parser.add_argument("--input-size", type=int, help="input side in pixels (default: the paper's)")
     parser.add_argument("--num-classes", type=int, default=7, help="number of classes (default 7, AFEW order)")
     parser.add_argument("--mean", help="mean.binaryproto (default: the net's mean values)")
+    parser.add_argument("--bn-moving-average-fraction", type=float, metavar="X",
+                        help="BatchNorm running-average decay (default: Caffe's 0.999, as released); about "
+                             "0.9 for short trainings, whose test nets would otherwise use statistics of "
+                             "the first iterations")
     parser.add_argument("--gpu", type=int, help="GPU id (needs a CUDA build of Caffe)")
     parser.add_argument("--seed", type=int, default=1, help="Caffe's random_seed (default 1)")
     parser.add_argument("--skip-image-check", action="store_true",

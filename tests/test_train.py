@@ -15,6 +15,7 @@ import pytest
 from emotiw.caffe_log import TrainingCurves
 from emotiw.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
 NET = "sse_holonet_3conv-s_concat"
 SIZE = 48
 EMOTIW = str(Path(sys.prefix) / "bin" / "emotiw")
@@ -165,3 +166,40 @@ def test_divergence_stops_and_keeps_the_last_good_snapshot(lists, tmp_path):
                             capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode != 0
     assert "diverged" in result.stderr and "Traceback" not in result.stderr
+
+
+def batchnorm_factors(prototxt, caffemodel):
+    """The third blob of every BatchNorm layer: Caffe's sum of moving_average_fraction powers."""
+    from emotiw.caffe_env import import_caffe
+
+    caffe = import_caffe()
+    net = caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))
+    return {name: float(blobs[2].data[0]) for name, blobs in net.params.items()
+            if net.layer_dict[name].type == "BatchNorm"}
+
+
+def test_bn_moving_average_fraction_reaches_caffe(lists, trained, tmp_path):
+    out = tmp_path / "fraction"
+    assert main(train_args(*lists, out, "--max-iter", "3", "--bn-moving-average-fraction", "0.5")) == 0
+    layers = [block for block in (out / "train_val.prototxt").read_text().split("layer {")
+              if 'type: "BatchNorm"' in block]
+    assert layers and all("moving_average_fraction: 0.5" in block for block in layers)
+    assert "moving_average_fraction" not in (REPO / "prototxt" / NET / "train_val.prototxt").read_text()
+    # after n updates Caffe's factor is 1 + f + ... + f^(n-1); by the iteration-3 snapshot there were
+    # 4: the validation pass at iteration 0 (the released nets' TEST phase uses batch statistics
+    # and shares the blobs with the TRAIN net) and 3 training iterations
+    def factor(fraction, updates=4):
+        return sum(fraction ** k for k in range(updates))
+
+    factors = batchnorm_factors(out / "deploy.prototxt", out / "snapshots" / f"{NET}_iter_3.caffemodel")
+    assert factors and all(value == pytest.approx(factor(0.5)) for value in factors.values())
+    default = batchnorm_factors(trained / "deploy.prototxt", trained / "snapshots" / f"{NET}_iter_3.caffemodel")
+    assert all(value == pytest.approx(factor(0.999)) for value in default.values())
+
+
+def test_bn_moving_average_fraction_out_of_range_is_refused(lists, tmp_path):
+    result = subprocess.run([EMOTIW, *train_args(*lists, tmp_path / "out", "--max-iter", "2",
+                                                 "--bn-moving-average-fraction", "1.5")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--bn-moving-average-fraction must be between 0 and 1" in result.stderr

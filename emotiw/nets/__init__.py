@@ -54,7 +54,13 @@ class NetEntry:
     def build(self, mode, options=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        return self.builder(mode, options or NetOptions())
+        options = options or NetOptions()
+        net = self.builder(mode, options)
+        if options.bn_moving_average_fraction is not None:
+            for layer in net.layer:
+                if layer.type == "BatchNorm":
+                    layer.batch_norm_param.moving_average_fraction = options.bn_moving_average_fraction
+        return net
 
 
 DSN_PREPROCESSING = Preprocessing(input_size=dsn.INPUT_SIZE, resize=dsn.RESIZE, crop=True, mirror=True,

@@ -18,3 +18,6 @@ class NetOptions:
     val_source: Optional[str] = None
     source_type: Optional[str] = None         # "list" (ImageData) or "lmdb" (Data layer)
     holonet_branch_outputs: int = 14          # the released HoloNet heads have 14; 7 is the fix
+    # BatchNorm running averages: None keeps Caffe's 0.999 (the released nets); a short training
+    # wants a smaller fraction, or the test nets' statistics still remember the first iterations
+    bn_moving_average_fraction: Optional[float] = None
