@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 EMOTIW := $(VENV)/bin/emotiw
 
-.PHONY: install test nets doctor preprocess clean-venv
+.PHONY: install test nets doctor demo preprocess clean-venv
 
 install:
 	$(PYTHON) -m emotiw.caffe_build install
@@ -16,6 +16,9 @@ nets:
 
 doctor:
 	$(EMOTIW) doctor
+
+demo:
+	$(EMOTIW) demo --out demo $(ARGS)
 
 MODE ?= dsn
 preprocess:

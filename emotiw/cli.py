@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "emotiw.weights",
     "emotiw.evaluate",
     "emotiw.features",
+    "emotiw.demo_data",
+    "emotiw.demo",
 ]
 
 
