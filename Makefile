@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 EMOTIW := $(VENV)/bin/emotiw
 
-.PHONY: install test nets doctor demo preprocess clean-venv
+.PHONY: install test nets doctor demo bench preprocess clean-venv
 
 install:
 	$(PYTHON) -m emotiw.caffe_build install
@@ -19,6 +19,14 @@ doctor:
 
 demo:
 	$(EMOTIW) demo --out demo $(ARGS)
+
+# The reference implementations (TensorFlow mtcnn, PyTorch) live in their own environment only.
+bench/.venv-ref/bin/python:
+	$(PYTHON) -m venv bench/.venv-ref
+	bench/.venv-ref/bin/pip install -r bench/requirements-ref.txt
+
+bench: bench/.venv-ref/bin/python
+	$(EMOTIW) bench $(ARGS)
 
 MODE ?= dsn
 preprocess:

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "emotiw.features",
     "emotiw.demo_data",
     "emotiw.demo",
+    "emotiw.bench",
 ]
 
 

@@ -1,0 +1,105 @@
+"""`emotiw bench` plumbing on tiny sizes: rows, ratios, files and errors; never timings."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emotiw import bench
+from emotiw.cli import main
+
+REFERENCE = bench.REFERENCE_PYTHON
+
+
+def run_quick(out, *extra):
+    return main(["bench", "--quick", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """GEMM and HoloNet inference at batch 1: the cheapest rows that touch Caffe, OpenCV and
+    (when bench/.venv-ref exists) the PyTorch reference."""
+    out = tmp_path_factory.mktemp("bench")
+    assert run_quick(out, "--rows", "gemm,inference", "--nets", "sse_holonet_3conv-s_concat",
+                     "--batches", "1") == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_machine_rows_and_markdown(quick_report):
+    out, report = quick_report
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["blas_threads"] >= 1
+    assert "openblas" in machine["blas_library"].lower()
+    ours = [row for row in report["rows"] if row["impl"] in ("OpenBLAS (ctypes)", "pycaffe", "OpenCV DNN")]
+    assert {row["section"] for row in ours} == {"gemm", "inference"}
+    for row in report["rows"]:
+        assert row["repeats"] >= 5 and 0 < row["min"] <= row["median"] <= row["max"]
+    markdown = (out / "results.md").read_text()
+    assert machine["cpu"] in markdown and "| inference |" in markdown
+
+
+def test_fraction_of_ceiling_is_rate_times_flops(quick_report):
+    _, report = quick_report
+    row = next(row for row in report["rows"] if row["impl"] == "pycaffe" and row["section"] == "inference")
+    expected = row["median"] * row["gflop_per_image"] / report["gemm_ceiling_gflops"]
+    assert row["fraction_of_gemm_ceiling"] == pytest.approx(expected)
+
+
+def test_reference_rows_or_skips(quick_report):
+    _, report = quick_report
+    reference_rows = [row for row in report["rows"] if row["impl"].startswith("PyTorch")]
+    if not REFERENCE.is_file():
+        assert not reference_rows and report["skipped"]
+        pytest.skip("no bench/.venv-ref: reference rows are reported as skipped")
+    assert reference_rows and not report["skipped"]
+    ratio = report["ratios"][0]
+    ours = max((r for r in report["rows"] if r["section"] == "inference" and r["impl"] in ("pycaffe", "OpenCV DNN")),
+               key=lambda r: r["median"])
+    assert ratio["ratio"] == pytest.approx(ours["median"] / reference_rows[0]["median"])
+
+
+def test_flops_of_one_convolution_and_inner_product():
+    """2 x multiply-adds counted from the shapes Caffe infers, against the arithmetic by hand."""
+    from emotiw.caffe_env import import_caffe
+    from emotiw.nets.shapes import infer
+
+    caffe = import_caffe()
+    n = caffe.NetSpec()
+    n.data = caffe.layers.Input(shape={"dim": [1, 3, 16, 16]})
+    n.conv = caffe.layers.Convolution(n.data, num_output=4, kernel_size=3, pad=1, stride=2)
+    n.fc = caffe.layers.InnerProduct(n.conv, num_output=5)
+    net = n.to_proto()
+    conv_macs = 4 * 8 * 8 * 3 * 3 * 3
+    fc_macs = 4 * 8 * 8 * 5
+    assert bench.forward_flops(net, infer(net)) == 2 * (conv_macs + fc_macs)
+
+
+def test_sgemm_through_caffes_openblas_multiplies():
+    _, blas = bench.caffe_openblas()
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((5, 3), dtype=np.float32), rng.standard_normal((3, 4), dtype=np.float32)
+    c = np.empty((5, 4), np.float32)
+    bench.sgemm(blas, a, b, c)
+    np.testing.assert_allclose(c, a @ b, rtol=1e-5)
+
+
+def test_dummy_train_net_has_the_train_losses_and_no_data_layer():
+    net = bench.dummy_train_net(bench.TRAIN_NET, 2, 128)
+    types = [layer.type for layer in net.layer]
+    assert types[0] == "DummyData" and "Data" not in types and "Accuracy" not in types
+    assert types.count("SoftmaxWithLoss") >= 1
+    assert list(net.layer[0].dummy_data_param.shape[0].dim) == [2, 3, 128, 128]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rows", "gemm,nope"], "unknown --rows nope"),
+    (["--nets", "alexnet"], "--nets: unknown alexnet"),
+    (["--repeats", "3"], "at least 5 repeats"),
+    (["--batches", "one"], "whole numbers"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    assert run_quick(tmp_path, *args) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (Path(tmp_path) / "results.json").exists()
