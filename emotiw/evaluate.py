@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 DSN_RESIZE, DSN_CROP, DSN_MEAN = 256, 224, (104.0, 117.0, 123.0)  # DSN's test_video.py
 PREPROCESSING_KINDS = ("dsn", "sse", "none")
-BACKENDS = ("caffe", "opencv")
+BACKENDS = ("auto", "caffe", "opencv")
 AGGREGATIONS = ("mean", "sum")
 CHECKPOINT_NAME = ".test-checkpoint.npz"
 CHECKPOINT_SECONDS = 60
@@ -342,8 +342,24 @@ class OpenCVBackend:
         return {name: np.asarray(out).reshape(len(batch), -1).copy() for name, out in zip(blobs, outputs)}
 
 
+def auto_backend(deploy):
+    """The faster backend for a net on the CPU, as `make bench` measured it: OpenCV DNN for nets
+    without BatchNorm (the VGG-Face nets: 1.7-2.5x pycaffe), pycaffe for the BatchNorm nets (ResNet,
+    DenseNet, HoloNet: 1.1-1.7x OpenCV). Both give the same scores (tests/test_evaluate.py)."""
+    return "caffe" if any(layer.type == "BatchNorm" for layer in read_net_param(deploy).layer) else "opencv"
+
+
 def make_backend(kind, deploy, weights):
-    return {"caffe": CaffeBackend, "opencv": OpenCVBackend}[kind](deploy, weights)
+    """The backend object and the name of the backend it is (auto resolved; pycaffe when OpenCV
+    cannot load a net that auto gave it)."""
+    if kind == "auto":
+        kind = auto_backend(deploy)
+        if kind == "opencv":
+            try:
+                return OpenCVBackend(deploy, weights), kind
+            except UserError:
+                kind = "caffe"
+    return {"caffe": CaffeBackend, "opencv": OpenCVBackend}[kind](deploy, weights), kind
 
 
 # ------------------------------------------------------------------------------------------
@@ -565,7 +581,7 @@ def write_outputs(out_dir, clips, blobs, scores, readable, clip_scores, faces, m
                        f"{config['net_name']}: accuracy {metrics['accuracy']:.4f}")
 
 
-def evaluate_videos(net, weights, videos, out_dir, backend="caffe", batch=16, agg="mean", blobs=("prob",),
+def evaluate_videos(net, weights, videos, out_dir, backend="auto", batch=16, agg="mean", blobs=("prob",),
                     preprocess=None, mean_file=None, prior_list=None):
     """Tests a net on every clip of a video list and writes the outputs into out_dir; returns metrics."""
     blobs = list(dict.fromkeys(blobs))
@@ -575,7 +591,7 @@ def evaluate_videos(net, weights, videos, out_dir, backend="caffe", batch=16, ag
     clips = read_clips(videos)
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
     check_weights(deploy, weights)
-    runner = make_backend(backend, deploy, weights)
+    runner, backend = make_backend(backend, deploy, weights)
     unknown = [name for name in blobs if name not in runner.blob_names]
     if unknown:
         raise UserError(f"no blob {', '.join(unknown)} in {deploy}; blobs: {', '.join(runner.blob_names)}")
@@ -624,7 +640,9 @@ def register(subparsers):
     parser.add_argument("--weights", required=True, type=Path, metavar="FILE.caffemodel")
     parser.add_argument("--videos", required=True, type=Path, metavar="LIST", help="video list")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--backend", choices=BACKENDS, default="caffe", help="pycaffe (default) or OpenCV DNN")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="caffe (pycaffe), opencv (OpenCV DNN) or auto (default): the one `make bench` "
+                             "measured faster for the net, OpenCV for nets without BatchNorm, else pycaffe")
     parser.add_argument("--batch", type=int, default=16, help="frames per forward pass (default 16)")
     parser.add_argument("--agg", choices=AGGREGATIONS, default="mean",
                         help="per-clip aggregation of frame scores (DSN used sum; default mean)")

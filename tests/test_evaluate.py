@@ -15,8 +15,8 @@ import pytest
 from emotiw import EMOTIONS
 from emotiw.caffe_env import import_caffe
 from emotiw.cli import main
-from emotiw.evaluate import (CaffeBackend, OpenCVBackend, Preprocessing, classification_metrics, read_clips,
-                             score_frames)
+from emotiw.evaluate import (CaffeBackend, OpenCVBackend, Preprocessing, classification_metrics, make_backend,
+                             read_clips, score_frames)
 from emotiw.scores import read_scores
 
 caffe = import_caffe()
@@ -209,6 +209,23 @@ def test_opencv_backend_end_to_end(tmp_path, dsn_setup):
                      "--out", str(tmp_path / backend), "--backend", backend, "--batch", "4"]) == 0
     np.testing.assert_allclose(read_scores(tmp_path / "opencv" / "scores.txt").scores,
                                read_scores(tmp_path / "caffe" / "scores.txt").scores, atol=1e-4)
+
+
+def test_auto_backend_picks_opencv_without_batchnorm_and_pycaffe_with_it(tmp_path):
+    plain = deploy_net(tmp_path / "plain", side=32, seed=1)
+    with_bn = deploy_net(tmp_path / "bn", side=32, seed=1, batchnorm=True)
+    runner, kind = make_backend("auto", *plain)
+    assert (type(runner), kind) == (OpenCVBackend, "opencv")
+    runner, kind = make_backend("auto", *with_bn)
+    assert (type(runner), kind) == (CaffeBackend, "caffe")
+    assert make_backend("caffe", *plain)[1] == "caffe"  # an explicit choice is kept
+
+
+def test_auto_backend_is_recorded_in_metrics(tmp_path, dsn_setup):
+    deploy, weights, videos = dsn_setup
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(tmp_path / "out"), "--batch", "4"]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["backend"] == "opencv"
 
 
 # ------------------------------------------------------------------------------------------
