@@ -9,6 +9,7 @@ a killed run started again skips it. At the end the parts are merged into `OUT/m
 
 import csv
 import json
+import os
 import shutil
 import sys
 import time
@@ -210,9 +211,16 @@ def process_item(item, out, settings, kind, progress=None):
     return result
 
 
-def _init_worker(queue):
+def _init_worker(queue, threads):
+    """Each worker gets its share of the cores: N workers each running OpenCV's and OpenBLAS's
+    all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS reads its variable when
+    Caffe loads it, which happens later, in detector(); a value the user set is kept."""
     global _worker_progress
+    import cv2
+
     _worker_progress = queue.put
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    cv2.setNumThreads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +306,9 @@ def _run_parallel(pending, out, settings, kind, workers, clip_bar, frame_bar):
     # spawn: each worker imports Caffe and builds its own detector, nothing is shared by fork
     context = multiprocessing.get_context("spawn")
     progress = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(progress,)) as pool:
+                             initargs=(progress, threads)) as pool:
         running = {pool.submit(process_item, item, out, settings, kind) for item in pending}
         while running:
             done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)

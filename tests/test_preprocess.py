@@ -7,6 +7,7 @@ run; a RAF-DB-style image folder goes through to an LMDB read back by a Caffe Da
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -147,6 +148,29 @@ def test_two_workers_give_the_same_outputs_as_one(afew, reference, tmp_path):
     root, _ = afew
     assert preprocess(root, tmp_path, "--workers", "2") == 0
     assert snapshot(tmp_path) == snapshot(reference)
+
+
+WORKER_THREADS = """
+import os, queue, sys
+import cv2
+from emotiw.bench import caffe_openblas
+from emotiw.preprocess import _init_worker
+_init_worker(queue.Queue(), int(sys.argv[1]))
+_, blas = caffe_openblas()  # Caffe, and with it OpenBLAS, loads after the worker's setup, as in detector()
+print(cv2.getNumThreads(), blas.openblas_get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("user_setting, expected", [(None, "1 1"), ("2", "1 2")])
+def test_a_worker_takes_its_share_of_the_cores(user_setting, expected):
+    """Workers do not oversubscribe the machine: OpenCV and Caffe's OpenBLAS use the threads given;
+    an OPENBLAS_NUM_THREADS the user set is kept."""
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_NUM_THREADS"}
+    if user_setting:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    result = subprocess.run([sys.executable, "-c", WORKER_THREADS, "1"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == expected
 
 
 def test_dsn_mode_crops_400_pixel_faces_from_1024_wide_frames(afew, tmp_path):
