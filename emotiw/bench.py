@@ -139,19 +139,17 @@ class Reference:
 # 1. The machine: CPU, BLAS, GEMM ceiling
 
 def caffe_openblas():
-    """The OpenBLAS library file that libcaffe loaded into this process, opened with ctypes."""
-    from emotiw.caffe_env import import_caffe
+    """The OpenBLAS library file libcaffe links, loaded in this process (with libcaffe), via ctypes."""
+    from emotiw.caffe_env import caffe_openblas_path, import_caffe
 
     import_caffe()
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "openblas" in line.split()[-1].lower()}
-    if not paths:
+    path = caffe_openblas_path()
+    if path is None:
         raise UserError("libcaffe does not link OpenBLAS here; the GEMM ceiling needs it")
-    path = Path(sorted(paths, key=lambda p: "libopenblas" not in p)[0]).resolve()  # not its libblas alias
-    library = ctypes.CDLL(str(path))
+    library = ctypes.CDLL(path)
     for name in ("openblas_get_config", "openblas_get_corename"):
         getattr(library, name).restype = ctypes.c_char_p
-    return path, library
+    return Path(path), library
 
 
 def machine_description():
@@ -455,7 +453,7 @@ ITERATION_LINE = re.compile(r"^I\d+ (\d\d):(\d\d):(\d\d\.\d+) .*Iteration (\d+) 
 def caffe_train_rates(solver_path, batch, plan):
     """images/s of each `caffe train` iteration, from glog's timestamps of the per-iteration
     display lines (display: 1), the first `warmup` iterations left out."""
-    from emotiw.dataset import caffe_tool
+    from emotiw.caffe_env import caffe_tool
 
     env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
     done = subprocess.run([caffe_tool("caffe"), "train", "--solver", str(solver_path)], env=env,

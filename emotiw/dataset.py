@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from emotiw import EMOTIONS
+from emotiw.caffe_env import caffe_tool
 from emotiw.errors import UserError
 from emotiw.fileio import atomic_open, replace_dir
 
@@ -197,15 +198,6 @@ def write_lists(out_dir, rows):
         with atomic_open(out_dir / "lists" / f"{split}_videos.txt") as handle:
             handle.writelines(f"{folder} {label}\n" for folder, label in videos[split].items())
     return paths
-
-
-def caffe_tool(name):
-    from emotiw.doctor import find_tool
-
-    path = find_tool(name)
-    if path is None:
-        raise UserError(f"Caffe's `{name}` tool is not installed; run `make install` in the emotiw checkout")
-    return path
 
 
 def _run_tool(command):

@@ -2,13 +2,12 @@
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from emotiw.caffe_build import TOOLS
+from emotiw.caffe_env import caffe_openblas_path, linked_libraries, openblas_core, tune_openblas
 
 FIX_INSTALL = "run `make install` in the emotiw checkout"
 
@@ -19,16 +18,6 @@ def find_tool(name):
     if candidate.exists():
         return str(candidate)
     return shutil.which(name)
-
-
-def linked_libraries(path):
-    result = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
-    libraries = {}
-    for line in result.stdout.splitlines():
-        match = re.match(r"\s*(\S+) => (\S+)", line)
-        if match:
-            libraries[match.group(1)] = match.group(2)
-    return libraries
 
 
 def library_version(libraries, stem):
@@ -49,6 +38,7 @@ def collect():
         facts.append(("numpy", numpy.__version__))
     except ImportError:
         problems.append(f"numpy is not importable: {FIX_INSTALL}")
+    blas_kernels = tune_openblas()  # before Caffe loads OpenBLAS, as import_caffe does
     try:
         import caffe
     except Exception as error:  # a broken build raises ImportError or an ABI error
@@ -69,6 +59,11 @@ def collect():
         libraries = linked_libraries(libcaffe) if libcaffe else {}
         blas = library_version(libraries, "libopenblas") or library_version(libraries, "libblas")
         facts.append(("blas", blas or "not found"))
+        library = caffe_openblas_path()
+        if library:
+            own = openblas_core(library) or "?"
+            facts.append(("blas kernels", f"{blas_kernels} (OPENBLAS_CORETYPE; OpenBLAS alone picks {own})"
+                                          if blas_kernels else own))
         facts.append(("opencv (C++)", library_version(libraries, "libopencv_core") or "not linked"))
         facts.append(("protobuf (C++)", library_version(libraries, "libprotobuf") or "not linked"))
         if blas is None:

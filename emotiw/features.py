@@ -277,7 +277,7 @@ def run_extract_features(weights, net_file, blob, store, num_batches, backend, l
     """Caffe's extract_features into a fresh `store`, built beside it and renamed when complete."""
     from tqdm import tqdm
 
-    from emotiw.dataset import caffe_tool
+    from emotiw.caffe_env import caffe_tool
     from emotiw.fileio import replace_dir
 
     partial = store.with_name(f".{store.name}.partial")

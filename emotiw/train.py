@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from emotiw.caffe_env import caffe_tool
 from emotiw.caffe_log import TrainingCurves
 from emotiw.errors import UserError
 from emotiw.fileio import atomic_open, atomic_path
@@ -131,7 +132,7 @@ def training_mean(args, train_mean):
         return {"mean_values": train_mean}
     mean_file = Path(args.out) / "mean.binaryproto"
     if not mean_file.exists():
-        result = subprocess.run([str(Path(sys.prefix) / "bin" / "compute_image_mean"), str(args.train),
+        result = subprocess.run([caffe_tool("compute_image_mean"), str(args.train),
                                  str(mean_file)], capture_output=True, text=True)
         if result.returncode != 0:
             raise UserError(f"compute_image_mean failed on {args.train}: {first_fatal_line(result.stderr)}")
@@ -195,7 +196,7 @@ def check_weights(net, weights, options):
 def caffe_command(solver_path, weights=None, snapshot=None, gpu=None):
     # "stop" ends the loop at the next iteration and Solve() then snapshots (snapshot_after_train):
     # the snapshot-then-exit the user expects. Caffe's "snapshot" effect would snapshot and go on.
-    command = [str(Path(sys.prefix) / "bin" / "caffe"), "train", f"--solver={solver_path}",
+    command = [caffe_tool("caffe"), "train", f"--solver={solver_path}",
                "--sigint_effect=stop", "--sighup_effect=snapshot"]
     if snapshot:
         command.append(f"--snapshot={snapshot}")

@@ -43,6 +43,13 @@ if ldd "$(readlink -f "$(command -v "$caffe")")" 2>/dev/null | grep -q libcudart
     args+=("--gpu=${GPU:-0}")
 fi
 
+# Caffe's OpenBLAS runs generic kernels on CPUs newer than itself; emotiw knows which to ask for
+# (emotiw/caffe_env.py). A value already set is kept.
+if [ -z "${OPENBLAS_CORETYPE+set}" ] && [ -x .venv/bin/python ]; then
+    core=$(.venv/bin/python -m emotiw.caffe_env openblas-coretype 2>/dev/null) || core=
+    [ -n "$core" ] && export OPENBLAS_CORETYPE=$core
+fi
+
 # Caffe does not create the snapshot folder; a missing one aborts at the first snapshot.
 prefix=$(sed -n 's/^snapshot_prefix: *"\(.*\)"$/\1/p' "$solver")
 [ -n "$prefix" ] && mkdir -p "$(dirname "$prefix")"
