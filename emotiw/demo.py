@@ -5,7 +5,7 @@ each step can be repeated by hand):
   1. demo-data   labelled clips of scikit-image's faces with per-class expressions (emotiw.demo_data)
   2. preprocess  MTCNN, main-subject tracking, `sse` alignment to small crops, lists, the train mean
   3. train       two SSE-HoloNet variants with the `caffe train` binary, few iterations
-  4. test        per-video testing of each model on val and test (pycaffe)
+  4. test        per-video testing of each model on val and test (`--backend auto`: OpenCV DNN here)
   5. extract     each model's `prob` with Caffe's extract_features into LevelDB, then .mat (leveldb2mat)
   6. fuse        fusion weights searched on the val .mat scores, applied to the test ones
   7. report      OUT/report.md with the accuracy table, training curves and confusion matrices
@@ -303,6 +303,14 @@ def accuracy_table(demo):
     return rows
 
 
+def tested_backends(demo):
+    """The backends `emotiw test --backend auto` ran, from the metrics it wrote."""
+    names = {"caffe": "pycaffe", "opencv": "OpenCV DNN"}
+    used = {read_json(demo.test_dir(net, split) / "metrics.json")["config"]["backend"]
+            for net in demo.config.nets for split in EVALUATED}
+    return " and ".join(names[backend] for backend in sorted(used))
+
+
 def data_summary(demo):
     with open(demo.data / "clips.csv", newline="") as handle:
         clips = list(csv.DictReader(handle))
@@ -345,7 +353,8 @@ def write_report(demo):
                      f"{'-' if weight is None else f'{weight:.2f}'} |")
     lines += [
         "",
-        "val % and test %: `emotiw test` (pycaffe, deploy net, mean of the frame probabilities per clip). "
+        f"val % and test %: `emotiw test` ({tested_backends(demo)}, deploy net, mean of the frame probabilities "
+        "per clip). "
         "The .mat columns: the same models' `prob` extracted by Caffe's `extract_features` into LevelDB, "
         "converted by leveldb2mat (`video_feats`: per-clip means) and scored by `emotiw fuse`, which "
         "searched the fusion weights on val and applied them to test.",

@@ -342,18 +342,25 @@ class OpenCVBackend:
         return {name: np.asarray(out).reshape(len(batch), -1).copy() for name, out in zip(blobs, outputs)}
 
 
-def auto_backend(deploy):
-    """The faster backend for a net on the CPU, as `make bench` measured it: OpenCV DNN for nets
-    without BatchNorm (the VGG-Face nets: 1.7-2.5x pycaffe), pycaffe for the BatchNorm nets (ResNet,
-    DenseNet, HoloNet: 1.1-1.7x OpenCV). Both give the same scores (tests/test_evaluate.py)."""
-    return "caffe" if any(layer.type == "BatchNorm" for layer in read_net_param(deploy).layer) else "opencv"
+def auto_backend(net):
+    """The faster backend for a registered net on the CPU, as `make bench` measured it (bench/NOTES.md):
+    pycaffe (Caffe's im2col + OpenBLAS GEMM) for the ResNet nets, whose 1x1 and large-kernel
+    convolutions are GEMMs (1.5-1.8x OpenCV); OpenCV DNN for VGG-Face, DenseNet-121 and HoloNet,
+    where its own 3x3 convolution kernels win (1.5-1.9x pycaffe). pycaffe, the reference, for
+    nets outside the registry. Both give the same scores (tests/test_evaluate.py)."""
+    try:
+        from emotiw import nets
+        backbone = nets.get(net_name(net)).backbone
+    except (ImportError, UserError):
+        return "caffe"
+    return "caffe" if "ResNet" in backbone else "opencv"
 
 
-def make_backend(kind, deploy, weights):
-    """The backend object and the name of the backend it is (auto resolved; pycaffe when OpenCV
-    cannot load a net that auto gave it)."""
+def make_backend(kind, net, deploy, weights):
+    """The backend object for `net` and the name of the backend it is (auto resolved; pycaffe when
+    OpenCV cannot load a net that auto gave it)."""
     if kind == "auto":
-        kind = auto_backend(deploy)
+        kind = auto_backend(net)
         if kind == "opencv":
             try:
                 return OpenCVBackend(deploy, weights), kind
@@ -591,7 +598,7 @@ def evaluate_videos(net, weights, videos, out_dir, backend="auto", batch=16, agg
     clips = read_clips(videos)
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
     check_weights(deploy, weights)
-    runner, backend = make_backend(backend, deploy, weights)
+    runner, backend = make_backend(backend, net, deploy, weights)
     unknown = [name for name in blobs if name not in runner.blob_names]
     if unknown:
         raise UserError(f"no blob {', '.join(unknown)} in {deploy}; blobs: {', '.join(runner.blob_names)}")
@@ -642,7 +649,8 @@ def register(subparsers):
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="caffe (pycaffe), opencv (OpenCV DNN) or auto (default): the one `make bench` "
-                             "measured faster for the net, OpenCV for nets without BatchNorm, else pycaffe")
+                             "measured faster for the net: pycaffe for the ResNet nets and nets outside the "
+                             "registry, OpenCV for the others")
     parser.add_argument("--batch", type=int, default=16, help="frames per forward pass (default 16)")
     parser.add_argument("--agg", choices=AGGREGATIONS, default="mean",
                         help="per-clip aggregation of frame scores (DSN used sum; default mean)")

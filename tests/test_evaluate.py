@@ -211,21 +211,33 @@ def test_opencv_backend_end_to_end(tmp_path, dsn_setup):
                                read_scores(tmp_path / "caffe" / "scores.txt").scores, atol=1e-4)
 
 
-def test_auto_backend_picks_opencv_without_batchnorm_and_pycaffe_with_it(tmp_path):
-    plain = deploy_net(tmp_path / "plain", side=32, seed=1)
-    with_bn = deploy_net(tmp_path / "bn", side=32, seed=1, batchnorm=True)
-    runner, kind = make_backend("auto", *plain)
+def test_auto_backend_follows_the_backbone():
+    from emotiw import nets
+    from emotiw.evaluate import auto_backend
+
+    for name in nets.names():
+        expected = "caffe" if "ResNet" in nets.get(name).backbone else "opencv"
+        assert auto_backend(name) == expected
+        assert auto_backend(REPO / "prototxt" / name / "deploy.prototxt") == expected  # a path names it too
+    assert {auto_backend("vgg_face"), auto_backend("dsn_resnet50")} == {"opencv", "caffe"}
+    assert auto_backend("my_own_net") == "caffe"
+
+
+def test_auto_backend_loads_the_chosen_backend(tmp_path):
+    registered = tmp_path / "prototxt" / "vgg_face"  # a folder named after a registered net
+    deploy, weights = deploy_net(registered, side=32, seed=1)
+    runner, kind = make_backend("auto", deploy, deploy, weights)
     assert (type(runner), kind) == (OpenCVBackend, "opencv")
-    runner, kind = make_backend("auto", *with_bn)
+    runner, kind = make_backend("auto", "unregistered", deploy, weights)
     assert (type(runner), kind) == (CaffeBackend, "caffe")
-    assert make_backend("caffe", *plain)[1] == "caffe"  # an explicit choice is kept
+    assert make_backend("caffe", deploy, deploy, weights)[1] == "caffe"  # an explicit choice is kept
 
 
 def test_auto_backend_is_recorded_in_metrics(tmp_path, dsn_setup):
     deploy, weights, videos = dsn_setup
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
                  "--out", str(tmp_path / "out"), "--batch", "4"]) == 0
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["backend"] == "opencv"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["backend"] == "caffe"
 
 
 # ------------------------------------------------------------------------------------------
