@@ -1,0 +1,62 @@
+"""`emotiw test`'s two backends agree on every registered deploy net: pycaffe and OpenCV DNN read the
+same generated deploy.prototxt and caffemodel and give the same `prob` within 1e-4, and the same
+class scores before the softmax within 1e-4 of their range (random weights saturate the softmax, so
+`prob` alone would compare near one-hot vectors).
+
+Every net loads in OpenCV 4.14 (none has to be listed as unsupported). The weights are seeded random
+values scaled like He initialisation, BatchNorm statistics included, so that no layer is left at a
+zero or constant filler and the class scores differ between images and classes."""
+
+import numpy as np
+import pytest
+
+from emotiw import nets
+from emotiw.caffe_env import import_caffe
+from emotiw.evaluate import CaffeBackend, OpenCVBackend
+
+caffe = import_caffe()
+
+
+def random_weights(deploy, weights, seed):
+    caffe.set_random_seed(seed)
+    net = caffe.Net(str(deploy), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    for name, blobs in net.params.items():
+        kind = net.layer_dict[name].type
+        if kind == "BatchNorm":
+            blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].data.shape)
+            blobs[1].data[...] = rng.uniform(0.5, 1.5, blobs[1].data.shape)
+            blobs[2].data[...] = 1
+        elif kind == "Scale":
+            blobs[0].data[...] = rng.uniform(0.8, 1.2, blobs[0].data.shape)
+            if len(blobs) > 1:
+                blobs[1].data[...] = rng.normal(0, 0.1, blobs[1].data.shape)
+        elif kind == "PReLU":
+            blobs[0].data[...] = 0.25
+        elif kind != "Deconvolution":  # deconvolutions keep their bilinear upsampling filler
+            fan_in = blobs[0].data[0].size
+            blobs[0].data[...] = rng.normal(0, np.sqrt(2 / fan_in), blobs[0].data.shape)
+            if len(blobs) > 1:
+                blobs[1].data[...] = rng.normal(0, 0.01, blobs[1].data.shape)
+    net.save(str(weights))
+
+
+@pytest.mark.parametrize("name", nets.names())
+def test_opencv_and_pycaffe_give_the_same_prob(name, tmp_path):
+    from google.protobuf import text_format
+
+    deploy, weights = tmp_path / "deploy.prototxt", tmp_path / "weights.caffemodel"
+    deploy.write_text(text_format.MessageToString(nets.build(name, "deploy")))
+    random_weights(deploy, weights, seed=3)
+    scores = next(layer.bottom[0] for layer in nets.build(name, "deploy").layer
+                  if layer.type == "Softmax" and list(layer.top) == ["prob"])
+    with_caffe = CaffeBackend(deploy, weights)
+    batch = np.random.default_rng(4).normal(0, 50, size=(2, *with_caffe.input_shape)).astype(np.float32)
+    expected = with_caffe.forward(batch, ["prob", scores])
+    del with_caffe
+    found = OpenCVBackend(deploy, weights).forward(batch, ["prob", scores])
+    assert found["prob"].shape == expected["prob"].shape == (2, 7)
+    np.testing.assert_allclose(found["prob"], expected["prob"], atol=1e-4)
+    spread = np.ptp(expected[scores], axis=1).min()
+    assert spread > 1e-3  # the scores differ between classes: not a constant the nets could share
+    np.testing.assert_allclose(found[scores], expected[scores], atol=1e-4 * spread)
