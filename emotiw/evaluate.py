@@ -347,7 +347,7 @@ def auto_backend(net):
     pycaffe (Caffe's im2col + OpenBLAS GEMM) for the ResNet nets, whose 1x1 and large-kernel
     convolutions are GEMMs (1.5-1.8x OpenCV); OpenCV DNN for VGG-Face, DenseNet-121 and HoloNet,
     where its own 3x3 convolution kernels win (1.5-1.9x pycaffe). pycaffe, the reference, for
-    nets outside the registry. Both give the same scores (tests/test_evaluate.py)."""
+    nets outside the registry. Both give the same scores (tests/test_opencv_registry.py)."""
     try:
         from emotiw import nets
         backbone = nets.get(net_name(net)).backbone
