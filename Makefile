@@ -6,7 +6,7 @@ EMOTIW := $(VENV)/bin/emotiw
 .PHONY: install test nets doctor demo bench preprocess clean-venv
 
 install:
-	$(PYTHON) -m emotiw.caffe_build install
+	$(PYTHON) tools/caffe_build.py install
 
 test:
 	$(VENV)/bin/python -m pytest -q
@@ -26,7 +26,7 @@ bench/.venv-ref/bin/python:
 	bench/.venv-ref/bin/pip install -r bench/requirements-ref.txt
 
 bench: bench/.venv-ref/bin/python
-	$(EMOTIW) bench $(ARGS)
+	$(VENV)/bin/python -m bench.bench $(ARGS)
 
 MODE ?= dsn
 preprocess:

@@ -1,16 +1,3 @@
 #!/usr/bin/env bash
-# SSE-ResNet test features, as the released test_SSE_ResNet.sh but without its `rm -r dir &&` bug:
-# Caffe's extract_features runs on the test net's blob prob for exactly ceil(N / batch) mini-batches,
-# then leveldb2mat writes OUT_DIR/features.mat (feats: one row per frame of the list).
-# Net: prototxt/sse_resnet50_4conv-c_concat/test.prototxt
-# Usage, from the repository root: ./test_SSE_ResNet.sh [WEIGHTS.caffemodel] [FRAME_LIST] [OUT_DIR]
-# Defaults: the released snapshot, the test net's own ImageData list, examples/<net>_features.
-set -euo pipefail
-net=sse_resnet50_4conv-c_concat
-weights=${1:-models/SSE/SSE_ResNet_50_trval_iter_83000.caffemodel}
-if [ ! -f "$weights" ]; then
-    echo "$0: weights file $weights not found; give the trained .caffemodel as the first argument" >&2
-    exit 2
-fi
-exec "$(dirname "$0")/.venv/bin/emotiw" extract --net "$net" --weights "$weights" ${2:+--list "$2"} \
-    --blob prob --out "${3:-examples/${net}_features}"
+# SSE-ResNet test features, as the released test_SSE_ResNet.sh: ./test_SSE_ResNet.sh [WEIGHTS.caffemodel] [FRAME_LIST] [OUT_DIR]
+exec "$(dirname "$0")/scripts/test_sse.sh" sse_resnet50_4conv-c_concat models/SSE/SSE_ResNet_50_trval_iter_83000.caffemodel "$@"

@@ -1,4 +1,4 @@
-"""The reference side of `emotiw bench`: what a user would pick instead of our Caffe pipeline.
+"""The reference side of `make bench`: what a user would pick instead of our Caffe pipeline.
 
 Run by the bench environment's Python (bench/.venv-ref: PyTorch, TensorFlow + the `mtcnn`
 package), never by emotiw's own venv:  python bench/reference.py JOB.json RESULT.json

@@ -1,23 +1,13 @@
-"""`emotiw doctor`: what Caffe and libraries this installation uses, and what is missing."""
+"""What Caffe and libraries this installation uses, and what is missing (`emotiw doctor`)."""
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from emotiw.caffe_build import TOOLS
-from emotiw.caffe_env import caffe_openblas_path, linked_libraries, openblas_core, tune_openblas
+from emotiw.caffe.env import CAFFE_TOOLS, caffe_openblas_path, find_tool, linked_libraries, openblas_core, tune_openblas
 
 FIX_INSTALL = "run `make install` in the emotiw checkout"
-
-
-def find_tool(name):
-    """Tools are linked into the venv's bin; fall back to PATH for other layouts."""
-    candidate = Path(sys.prefix) / "bin" / name
-    if candidate.exists():
-        return str(candidate)
-    return shutil.which(name)
 
 
 def library_version(libraries, stem):
@@ -74,24 +64,9 @@ def collect():
             facts.append((label, imported.__version__))
         except ImportError:
             problems.append(f"{module} is not importable: {FIX_INSTALL}")
-    for tool in TOOLS:
+    for tool in CAFFE_TOOLS:
         path = find_tool(tool)
         facts.append((f"tool {tool}", path or "MISSING"))
         if path is None:
             problems.append(f"Caffe tool `{tool}` not found on PATH or in the venv: {FIX_INSTALL}")
     return facts, problems
-
-
-def run(args):
-    facts, problems = collect()
-    width = max(len(label) for label, _ in facts)
-    for label, value in facts:
-        print(f"{label:<{width}}  {value}")
-    for problem in problems:
-        print(f"emotiw doctor: {problem}", file=sys.stderr)
-    return 1 if problems else 0
-
-
-def register(subparsers):
-    parser = subparsers.add_parser("doctor", help="check the Caffe installation and libraries")
-    parser.set_defaults(func=run)

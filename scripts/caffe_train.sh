@@ -46,7 +46,7 @@ fi
 # Caffe's OpenBLAS runs generic kernels on CPUs newer than itself; emotiw knows which to ask for
 # (emotiw/caffe_env.py). A value already set is kept.
 if [ -z "${OPENBLAS_CORETYPE+set}" ] && [ -x .venv/bin/python ]; then
-    core=$(.venv/bin/python -m emotiw.caffe_env openblas-coretype 2>/dev/null) || core=
+    core=$(.venv/bin/python -m emotiw.caffe.env openblas-coretype 2>/dev/null) || core=
     [ -n "$core" ] && export OPENBLAS_CORETYPE=$core
 fi
 

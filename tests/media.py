@@ -3,56 +3,22 @@
 ground-truth face boxes it drew, so tests can check what the pipeline found.
 """
 
-from fractions import Fraction
-
 import numpy as np
+
+from emotiw.demo.scene import astronaut_head, coffee_background, paste  # noqa: F401  (tests paste too)
+from emotiw.face.video import write_video
 
 WIDTH, HEIGHT = 320, 240
 FPS = 10
-# The astronaut's head (hair to chin) in skimage.data.astronaut(), rows then columns.
-HEAD_ROWS, HEAD_COLUMNS = slice(20, 210), slice(145, 310)
-CODECS = {".mp4": "libx264", ".avi": "mpeg4"}
 
 
 def background(shift=0):
     """scikit-image's coffee photograph at WIDTH x HEIGHT (no face in it), shifted right by `shift`."""
-    import cv2
-    from skimage import data
-
-    scene = cv2.resize(data.coffee(), (WIDTH + 40, HEIGHT), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(scene[:, shift:shift + WIDTH])
+    return coffee_background(WIDTH, HEIGHT, shift)
 
 
 def head(flip=False):
-    from skimage import data
-
-    patch = data.astronaut()[HEAD_ROWS, HEAD_COLUMNS]
-    return np.ascontiguousarray(patch[:, ::-1] if flip else patch)
-
-
-def paste(canvas, patch, x, y, height):
-    """Pastes `patch` scaled to `height` pixels with its top-left corner at (x, y); returns its box."""
-    import cv2
-
-    width = round(patch.shape[1] * height / patch.shape[0])
-    canvas[y:y + height, x:x + width] = cv2.resize(patch, (width, height), interpolation=cv2.INTER_AREA)
-    return np.array([x, y, x + width, y + height], dtype=np.float64)
-
-
-def write_video(path, frames, fps=FPS, sample_aspect_ratio=None):
-    """Encodes RGB frames with PyAV: H.264 in .mp4, MPEG-4 part 2 in .avi."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(CODECS[path.suffix], rate=fps)
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        stream.pix_fmt = "yuv420p"
-        if sample_aspect_ratio is not None:
-            stream.codec_context.sample_aspect_ratio = Fraction(sample_aspect_ratio)
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    return astronaut_head(flip)
 
 
 def _interpolate(start, end, count):

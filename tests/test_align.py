@@ -1,11 +1,11 @@
-"""emotiw.align: facenet-style margin crops (dsn) and 5-point similarity warps (sse)."""
+"""emotiw.face.align: facenet-style margin crops (dsn) and 5-point similarity warps (sse)."""
 
 import cv2
 import numpy as np
 import pytest
 
-from emotiw.align import (ARCFACE_TEMPLATE_112, align_face, crop_dsn, crop_mode, crop_sse, resize_whole,
-                          similarity_matrix, sse_template)
+from emotiw.face.align import (ARCFACE_TEMPLATE_112, align_face, crop_dsn, crop_mode, crop_sse, resize_whole,
+                               similarity_matrix, sse_template)
 
 
 def coordinate_image(height=300, width=400):

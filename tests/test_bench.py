@@ -1,4 +1,4 @@
-"""`emotiw bench` plumbing on tiny sizes: rows, ratios, files and errors; never timings."""
+"""`make bench` plumbing on tiny sizes: rows, ratios, files and errors; never timings."""
 
 import json
 from pathlib import Path
@@ -6,14 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emotiw import bench
-from emotiw.cli import main
+from bench import bench
 
 REFERENCE = bench.REFERENCE_PYTHON
 
 
 def run_quick(out, *extra):
-    return main(["bench", "--quick", "--out", str(out), *extra])
+    return bench.main(["--quick", "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_reference_rows_or_skips(quick_report):
 
 def test_flops_of_one_convolution_and_inner_product():
     """2 x multiply-adds counted from the shapes Caffe infers, against the arithmetic by hand."""
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
     from emotiw.nets.shapes import infer
 
     caffe = import_caffe()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from emotiw import caffe_build
-from emotiw.caffe_build import InstallError
+from tools import caffe_build
+from tools.caffe_build import InstallError
 
 REPO = Path(__file__).resolve().parent.parent
 

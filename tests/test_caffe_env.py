@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from emotiw import caffe_env
+from emotiw.caffe import env as caffe_env
 
 AVX512 = "avx512f avx512cd avx512bw avx512dq avx512vl"
 
@@ -32,7 +32,7 @@ def test_caffe_links_an_openblas_that_names_its_kernels():
 
 RUNNING_CORE = """
 import os
-from emotiw.bench import caffe_openblas
+from emotiw.caffe.env import caffe_openblas
 _, blas = caffe_openblas()  # loads Caffe through import_caffe, then asks its OpenBLAS
 print(blas.openblas_get_corename().decode(), os.environ.get("OPENBLAS_CORETYPE", ""))
 """
@@ -62,6 +62,6 @@ def test_the_users_choice_is_kept():
 
 
 def test_shell_scripts_get_the_same_choice():
-    result = subprocess.run([sys.executable, "-m", "emotiw.caffe_env", "openblas-coretype"],
+    result = subprocess.run([sys.executable, "-m", "emotiw.caffe.env", "openblas-coretype"],
                             capture_output=True, text=True, env={**os.environ, "OPENBLAS_CORETYPE": "SkylakeX"})
     assert result.returncode == 0 and result.stdout.strip() == "SkylakeX"

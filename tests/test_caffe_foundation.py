@@ -11,10 +11,11 @@ import numpy as np
 import plyvel
 import pytest
 
-from emotiw.caffe_env import import_caffe
+from emotiw.caffe.env import import_caffe
 
 caffe = import_caffe()
-from caffe import layers as L, params as P  # noqa: E402
+from caffe import layers as L  # noqa: E402
+from caffe import params as P
 from caffe.proto import caffe_pb2  # noqa: E402
 
 BIN = Path(sys.prefix) / "bin"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from emotiw import demo
 from emotiw.cli import main
+from emotiw.demo import pipeline as demo
 
 
 @pytest.fixture(scope="module")

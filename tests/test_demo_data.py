@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from emotiw import EMOTIONS
-from emotiw import demo_data
 from emotiw.cli import main
+from emotiw.demo import data as demo_data
 from emotiw.errors import UserError
 
 SMALL = {"clips": (2, 1, 1), "frames": 3, "identities": 3}  # 28 clips of 3 frames
@@ -28,7 +28,7 @@ INTENDED = {  # class: (mouth corners vertical, lower lip vertical, brows vertic
 
 @pytest.fixture(scope="module")
 def detector():
-    from emotiw.detect import FaceDetector
+    from emotiw.face.mtcnn import FaceDetector
 
     return FaceDetector()
 
@@ -46,7 +46,7 @@ def generated(tmp_path_factory, detector):
 
 
 def decoded_hash(path):
-    from emotiw.video import iter_frames
+    from emotiw.face.video import iter_frames
 
     digest = hashlib.sha256()
     for frame in iter_frames(path):
@@ -59,7 +59,7 @@ def clip_hashes(out):
 
 
 def test_layout_counts_and_labels(generated):
-    from emotiw.video import iter_frames
+    from emotiw.face.video import iter_frames
 
     out, rows = generated
     for split, per_class in zip(demo_data.SPLITS, SMALL["clips"]):

@@ -1,4 +1,4 @@
-"""MTCNN on Caffe (emotiw.detect, emotiw.mtcnn_caffe) against the `mtcnn` package's own pipeline.
+"""MTCNN on Caffe (emotiw.face.mtcnn, emotiw.face.mtcnn_nets) against the `mtcnn` package's own pipeline.
 
 The golden fixtures in tests/fixtures/mtcnn were written by tests/fixtures/make_mtcnn_fixtures.py,
 which runs the package's TensorFlow models; the images are rebuilt here from their recipes.
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emotiw import mtcnn_caffe
 from emotiw.cli import main
-from emotiw.detect import Detections, FaceDetector
 from emotiw.errors import UserError
+from emotiw.face import mtcnn_nets as mtcnn_caffe
+from emotiw.face.mtcnn import Detections, FaceDetector
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_FILES = sorted(path for path in (FIXTURES / "mtcnn").glob("*.json") if path.name != "nets.json")
@@ -144,9 +144,9 @@ def test_first_pnet_layer_equals_keras_math():
     weights = mtcnn_caffe.load_keras_weights(mtcnn_caffe.keras_weights_dir() / "pnet.lz4")
     image = np.random.default_rng(0).uniform(-1, 1, (1, 13, 12, 3))  # P-Net's smallest input: 12 px.astype(np.float32)
     expected = keras_conv_prelu(image, *weights[:3])
-    nets = mtcnn_caffe.PycaffeNets(mtcnn_caffe.ensure_models())
+    nets = mtcnn_caffe.MtcnnNets(mtcnn_caffe.ensure_models(), "pycaffe")
     nets.forward("pnet", image.transpose(0, 3, 1, 2))
-    conv1 = nets.nets["pnet"].blobs["conv1"].data  # PReLU runs in place on conv1
+    conv1 = nets.nets["pnet"].net.blobs["conv1"].data  # PReLU runs in place on conv1
     np.testing.assert_allclose(conv1.transpose(0, 2, 3, 1), expected, atol=1e-5)
 
 
@@ -163,7 +163,8 @@ def test_dense_rows_follow_the_keras_flatten_order():
 def test_converted_nets_equal_the_keras_models(backend):
     """Raw outputs of the package's Keras nets on seeded inputs (recorded in nets.json)."""
     reference = json.loads((FIXTURES / "mtcnn" / "nets.json").read_text())["nets"]
-    nets = mtcnn_caffe.BACKENDS[backend](mtcnn_caffe.ensure_models())
+    nets = mtcnn_caffe.MtcnnNets(mtcnn_caffe.ensure_models(), backend)
+    assert nets.backend == backend
     for name, recorded in reference.items():
         outputs = nets.forward(name, recipes.net_input(recorded).transpose(0, 3, 1, 2))
         for ours, keras in zip(outputs, recorded["outputs"]):

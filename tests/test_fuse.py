@@ -10,8 +10,8 @@ import scipy.special
 
 from emotiw import EMOTIONS
 from emotiw.cli import main
-from emotiw.fuse import search_weights
-from emotiw.scores import read_scores, write_predictions_csv, write_scores_txt
+from emotiw.formats.scores import read_scores, write_predictions_csv, write_scores_txt
+from emotiw.stages.fuse import search_weights
 
 SSE = Path(__file__).resolve().parents[2] / "shared" / "sse-submitted-predictions"
 SSE_FILES = ["1_sse_resnet_model_predictions.txt", "2_sse_densenet_model_predictions.txt",

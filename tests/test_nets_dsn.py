@@ -10,6 +10,7 @@ import pytest
 
 from emotiw import nets
 from emotiw.nets import dsn
+from emotiw.nets.data import gray_mean
 from emotiw.nets.options import NetOptions
 from emotiw.nets.shapes import infer
 
@@ -128,7 +129,7 @@ def _rounded(value):
 
 @pytest.fixture(scope="module")
 def caffe_pb2():
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
     import_caffe()
     from caffe.proto import caffe_pb2
     return caffe_pb2
@@ -222,7 +223,7 @@ def upsample_filt(size):
 
 @pytest.fixture(scope="module")
 def dsn_vgg_deploy(tmp_path_factory):
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
     caffe = import_caffe()
     path = nets.write_net("dsn_vgg_face", tmp_path_factory.mktemp("dsn_vgg"),
                           NetOptions(input_size=96))["deploy"]
@@ -273,7 +274,7 @@ def test_gray_input_and_mean():
     net = nets.build("dsn_vgg_face", "train_val", NetOptions(color=False))
     data = net.layer[0]
     assert not data.image_data_param.is_color
-    assert list(data.transform_param.mean_value) == pytest.approx([dsn.gray_mean(dsn.MEAN_BGR)])
+    assert list(data.transform_param.mean_value) == pytest.approx([gray_mean(dsn.MEAN_BGR)])
     deploy = nets.build("dsn_vgg_face", "deploy", NetOptions(color=False))
     assert list(deploy.layer[0].input_param.shape[0].dim) == [1, 1, 224, 224]
 

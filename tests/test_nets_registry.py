@@ -23,7 +23,7 @@ TOO_BIG_TO_TRAIN = 100e6
 
 @pytest.fixture(scope="module")
 def caffe():
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
     caffe = import_caffe()
     caffe.set_mode_cpu()
     caffe.set_random_seed(0)
@@ -76,6 +76,19 @@ def test_registry_has_the_5_dsn_and_15_sse_nets():
     for name in NAMES:
         entry = nets.get(name)
         assert entry.paper in nets.PAPERS and entry.preprocessing.input_size in (128, 224)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_caffe_name_is_the_prototxt_name_and_finds_the_entry(name):
+    """Code holding only a prototxt finds its registry entry from the NetParameter's `name`."""
+    entry = nets.get(name)
+    assert nets.build(name, "deploy").name == entry.caffe_name
+    assert nets.by_caffe_name(entry.caffe_name) is entry
+
+
+def test_by_caffe_name_of_an_unknown_net_is_none():
+    assert nets.by_caffe_name("ResNet-50") is None
+    assert nets.get("dsn_resnet").caffe_name == "DSN_RES_101_TOPOLOGY"
 
 
 def test_unknown_net_lists_the_valid_names(capsys):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from emotiw.caffe_env import import_caffe
-from emotiw.errors import UserError
 from emotiw import nets
+from emotiw.caffe.env import import_caffe
+from emotiw.errors import UserError
 from emotiw.nets import backbones, sse
 from emotiw.nets.options import NetOptions
+from emotiw.nets.shapes import top_shapes
 
 caffe = import_caffe()
 from caffe.proto import caffe_pb2  # noqa: E402
@@ -188,7 +189,7 @@ def reference_layers(backbone, mode):
 
 
 def released(backbone, mode, options=NetOptions()):
-    return sse.build_sse(backbone, sse.SSE_DEFAULTS[backbone]["released_variant"], mode, options)
+    return sse.build_sse(backbone, sse.SSE_DEFAULTS[backbone].released_variant, mode, options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,11 +254,12 @@ def test_shared_backbones_match_the_dsn_references(reference_file, builder, kwar
 def test_resnet_block_names_follow_kaiminghe():
     n = caffe.NetSpec()
     n.data = caffe.layers.Input(shape={"dim": [1, 3, 224, 224]})
-    taps = backbones.resnet(n, n.data, blocks=(3, 8, 36, 3), input_size=224)
+    taps = backbones.resnet(n, n.data, blocks=(3, 8, 36, 3))
     res3 = [name for name in taps if name.startswith("res3")]
     assert res3 == ["res3a"] + [f"res3b{i}" for i in range(1, 8)]
     assert list(taps)[-3:] == ["res5a", "res5b", "res5c"]
-    assert taps.shapes["res5c"] == (2048, 7) and taps.shapes["res2c"] == (256, 56)
+    shapes = top_shapes(n, taps)
+    assert shapes["res5c"] == (1, 2048, 7, 7) and shapes["res2c"] == (1, 256, 56, 56)
 
 
 def test_hooks_for_unknown_taps_are_refused():
@@ -474,7 +476,7 @@ def test_options_classes_size_gray_and_batches(tmp_path):
     ({"source_type": "list"}, "train list and a val list"),
     ({"source_type": "hdf5"}, "unknown source type"),
     ({"input_size": 100}, "conv4_1/incep"),
-    ({"input_size": -8}, "layer conv1_1/conv"),
+    ({"input_size": -8}, r"layer 'data' \(Input\) would output .*-8, -8\]"),
 ])
 def test_bad_options_raise_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):

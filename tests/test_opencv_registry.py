@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from emotiw import nets
-from emotiw.caffe_env import import_caffe
-from emotiw.evaluate import CaffeBackend, OpenCVBackend
+from emotiw.caffe.env import import_caffe
+from emotiw.caffe.runtime import OpenCVNet, PycaffeNet
 
 caffe = import_caffe()
 
@@ -50,11 +50,12 @@ def test_opencv_and_pycaffe_give_the_same_prob(name, tmp_path):
     random_weights(deploy, weights, seed=3)
     scores = next(layer.bottom[0] for layer in nets.build(name, "deploy").layer
                   if layer.type == "Softmax" and list(layer.top) == ["prob"])
-    with_caffe = CaffeBackend(deploy, weights)
+    with_caffe = PycaffeNet(deploy, weights)
     batch = np.random.default_rng(4).normal(0, 50, size=(2, *with_caffe.input_shape)).astype(np.float32)
-    expected = with_caffe.forward(batch, ["prob", scores])
+    flat = lambda outputs: {blob: values.reshape(len(batch), -1) for blob, values in outputs.items()}  # noqa: E731
+    expected = flat(with_caffe.forward(batch, ["prob", scores]))
     del with_caffe
-    found = OpenCVBackend(deploy, weights).forward(batch, ["prob", scores])
+    found = flat(OpenCVNet(deploy, weights).forward(batch, ["prob", scores]))
     assert found["prob"].shape == expected["prob"].shape == (2, 7)
     np.testing.assert_allclose(found["prob"], expected["prob"], atol=1e-4)
     spread = np.ptp(expected[scores], axis=1).min()

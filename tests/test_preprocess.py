@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import cv2
+import media
 import numpy as np
 import pytest
 
-import media
 from emotiw import EMOTIONS
 from emotiw.cli import main
 
@@ -153,8 +153,8 @@ def test_two_workers_give_the_same_outputs_as_one(afew, reference, tmp_path):
 WORKER_THREADS = """
 import os, queue, sys
 import cv2
-from emotiw.bench import caffe_openblas
-from emotiw.preprocess import _init_worker
+from emotiw.caffe.env import caffe_openblas
+from emotiw.stages.preprocess import _init_worker
 _init_worker(queue.Queue(), int(sys.argv[1]))
 _, blas = caffe_openblas()  # Caffe, and with it OpenBLAS, loads after the worker's setup, as in detector()
 print(cv2.getNumThreads(), blas.openblas_get_num_threads())
@@ -221,7 +221,7 @@ def rafdb(tmp_path_factory):
 
 
 def test_rafdb_images_become_an_lmdb_in_afew_order(rafdb, tmp_path):
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
 
     caffe = import_caffe()
     out = tmp_path / "out"
@@ -262,7 +262,7 @@ def test_rafdb_images_become_an_lmdb_in_afew_order(rafdb, tmp_path):
 def test_aligned_images_with_a_csv_of_names_are_only_resized(rafdb, tmp_path):
     import lmdb
 
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
 
     caffe = import_caffe()
     labels = tmp_path / "labels.csv"

@@ -7,8 +7,8 @@ import scipy.io
 
 from emotiw import EMOTIONS
 from emotiw.errors import UserError
-from emotiw.scores import (read_scores, read_video_list, write_predictions_csv, write_scores_txt,
-                           write_submission)
+from emotiw.formats.lists import read_list
+from emotiw.formats.scores import read_scores, write_predictions_csv, write_scores_txt, write_submission
 
 
 def random_scores(rows, seed=0):
@@ -155,17 +155,17 @@ def test_submission_folder_holds_one_class_name_per_clip(tmp_path):
 def test_video_list_formats(tmp_path):
     labelled = tmp_path / "Val_video.txt"
     labelled.write_text("/data/Face/Val/000029320 3\n/data/with space/000037160 0\n\n/data/x Sad\n")
-    clips, labels = read_video_list(labelled)
+    clips, labels = read_list(labelled)
     assert clips == ["/data/Face/Val/000029320", "/data/with space/000037160", "/data/x"]
     np.testing.assert_array_equal(labels, [3, 0, EMOTIONS.index("Sad")])
     plain = tmp_path / "test_video_list.txt"
     plain.write_text("000029320.avi\n000037160.avi\n")
-    clips, labels = read_video_list(plain)
+    clips, labels = read_list(plain)
     assert clips == ["000029320.avi", "000037160.avi"] and labels is None
     bad = tmp_path / "bad.txt"
     bad.write_text("a 1\nb 9\n")
     with pytest.raises(UserError, match=r"bad.txt: line 2: label '9'"):
-        read_video_list(bad)
+        read_list(bad)
     bad.write_text("\n")
     with pytest.raises(UserError, match="empty"):
-        read_video_list(bad)
+        read_list(bad)

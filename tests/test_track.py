@@ -1,9 +1,9 @@
-"""emotiw.track: linking boxes into tracks and choosing a clip's subject."""
+"""emotiw.face.track: linking boxes into tracks and choosing a clip's subject."""
 
 import numpy as np
 import pytest
 
-from emotiw.track import MAX_GAP, facenet_choice, iou_matrix, link_tracks, main_subject, subject_detections
+from emotiw.face.track import MAX_GAP, facenet_choice, iou_matrix, link_tracks, main_subject, subject_detections
 
 
 def box(x, y, size):

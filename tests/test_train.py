@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from emotiw.caffe_log import TrainingCurves
+from emotiw.caffe.log import TrainingCurves
 from emotiw.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +142,9 @@ def test_bad_lists_fail_with_one_line(lists, tmp_path, problem):
 
 
 def test_weights_for_another_net_are_refused(lists, tmp_path):
-    from emotiw.caffe_env import import_caffe
     from caffe import layers as L
+
+    from emotiw.caffe.env import import_caffe
 
     caffe = import_caffe()
     n = caffe.NetSpec()
@@ -170,7 +171,7 @@ def test_divergence_stops_and_keeps_the_last_good_snapshot(lists, tmp_path):
 
 def batchnorm_factors(prototxt, caffemodel):
     """The third blob of every BatchNorm layer: Caffe's sum of moving_average_fraction powers."""
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
 
     caffe = import_caffe()
     net = caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))

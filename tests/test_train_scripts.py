@@ -43,7 +43,7 @@ def small_net(name, out, image_list):
 
 def pretrained(paths, out):
     """A stand-in for the ImageNet / VGG-Face file: the net's own weights, saved by pycaffe."""
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
     caffe = import_caffe()
     path = out / "pretrained.caffemodel"
     caffe.Net(str(paths["deploy"]), caffe.TEST).save(str(path))

@@ -1,14 +1,14 @@
-"""emotiw.video on clips encoded by the test with PyAV (H.264/mp4, MPEG-4/avi) and on broken files."""
+"""emotiw.face.video on clips encoded by the test with PyAV (H.264/mp4, MPEG-4/avi) and on broken files."""
 
 import shutil
 import subprocess
 
 import cv2
+import media
 import numpy as np
 import pytest
 
-import media
-from emotiw.video import VideoError, iter_frames, probe, write_dsn_frames
+from emotiw.face.video import VideoError, iter_frames, probe, write_dsn_frames
 
 FRAMES = 10
 

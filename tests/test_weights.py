@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 
 from emotiw import nets
+from emotiw.caffe.weights import read_caffemodel, weights_report
 from emotiw.cli import main
 from emotiw.errors import UserError
 from emotiw.nets.backbones import layers_and_params, resnet
 from emotiw.nets.options import NetOptions
-from emotiw.weights import read_caffemodel, weights_report
 
 SMALL = NetOptions(input_size=64)
 
 
 @pytest.fixture(scope="module")
 def caffe():
-    from emotiw.caffe_env import import_caffe
+    from emotiw.caffe.env import import_caffe
     return import_caffe()
 
 
@@ -73,7 +73,7 @@ def test_resnet50_weights_leave_25_of_33_blocks_of_the_released_dsn_resnet_untra
 
 def test_caffe_itself_refuses_what_the_report_refuses(resnet50_file, tmp_path):
     deploy = _deploy(tmp_path, "dsn_resnet")
-    code = ("from emotiw.caffe_env import import_caffe; caffe = import_caffe(); "
+    code = ("from emotiw.caffe.env import import_caffe; caffe = import_caffe(); "
             f"caffe.Net({str(deploy)!r}, caffe.TEST).copy_from({str(resnet50_file)!r})")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and "Incompatible number of blobs for layer conv1" in result.stderr

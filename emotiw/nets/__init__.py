@@ -1,8 +1,9 @@
 """The net zoo: one registry entry per DSN and SSE network, and the prototxt writer.
 
-`get(name)` gives a NetEntry (paper, backbone, variant, preprocessing, builder, solver values);
-`build(name, mode, options)` a checked caffe_pb2.NetParameter for mode "train_val", "test" or
-"deploy"; `write_net(name, out_dir, options)` the four prototxt files `emotiw nets` writes.
+`get(name)` gives a NetEntry (paper, backbone, variant, preprocessing, builder, solver values) and
+`by_caffe_name(name)` the one whose prototxts say `name: "<name>"`; `build(name, mode, options)` a
+checked caffe_pb2.NetParameter for mode "train_val", "test" or "deploy"; `write_net(name, out_dir,
+options)` the four prototxt files `emotiw nets` writes.
 """
 
 from dataclasses import dataclass
@@ -10,13 +11,12 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from emotiw.errors import UserError
-from emotiw.fileio import atomic_write_text
+from emotiw.formats.files import atomic_write_text
 from emotiw.nets import dsn, sse
-from emotiw.nets.options import NetOptions
+from emotiw.nets.options import MODES, NetOptions
 from emotiw.nets.shapes import infer
 from emotiw.nets.solver import make_solver
 
-MODES = dsn.MODES  # the same three for the SSE nets
 PAPERS = {
     "DSN": "Fan, Lam and Li, Video-based Emotion Recognition Using Deeply-Supervised Neural "
            "Networks, ICMI 2018",
@@ -42,6 +42,7 @@ class Preprocessing:
 @dataclass(frozen=True)
 class NetEntry:
     name: str
+    caffe_name: str                # the `name:` of its prototxts (NetParameter.name)
     paper: str                     # "DSN" or "SSE"
     backbone: str
     variant: str
@@ -63,10 +64,6 @@ class NetEntry:
         return net
 
 
-DSN_PREPROCESSING = Preprocessing(input_size=dsn.INPUT_SIZE, resize=dsn.RESIZE, crop=True, mirror=True,
-                                  mean_values=dsn.MEAN_BGR, mean_file=None, scale=None)
-
-
 def _dsn_entries():
     described = (
         ("vgg_face", "VGG-Face", "plain", True, "VGG_FACE.caffemodel"),
@@ -76,13 +73,15 @@ def _dsn_entries():
         ("dsn_resnet50", "ResNet-50", "DSN (fixed)", False, "ResNet-50-model.caffemodel"),
         ("densenet121", "DenseNet-121", "plain", True, "DenseNet_121.caffemodel"),
     )
+    preprocessing = dsn.INPUTS.preprocessing(Preprocessing)  # the same for the five
     for name, backbone, variant, released, pretrained in described:
-        yield NetEntry(name=name, paper="DSN", backbone=backbone, variant=variant, released=released,
-                       preprocessing=DSN_PREPROCESSING, pretrained=pretrained,
-                       builder=dsn.BUILDERS[name], solver_values=dsn.SOLVERS[name])
+        yield NetEntry(name=name, caffe_name=dsn.CAFFE_NAMES[name], paper="DSN", backbone=backbone,
+                       variant=variant, released=released, preprocessing=preprocessing,
+                       pretrained=pretrained, builder=dsn.BUILDERS[name], solver_values=dsn.SOLVERS[name])
 
 
 NETS = {entry.name: entry for entry in (*_dsn_entries(), *sse.registry_entries(NetEntry, Preprocessing))}
+_BY_CAFFE_NAME = {entry.caffe_name: entry for entry in NETS.values()}
 
 
 def names():
@@ -94,6 +93,11 @@ def get(name):
         return NETS[name]
     except KeyError:
         raise UserError(f"unknown net '{name}'; valid names: {', '.join(NETS)}") from None
+
+
+def by_caffe_name(name):
+    """The entry whose prototxts carry `name: "<name>"` (a NetParameter's name), or None."""
+    return _BY_CAFFE_NAME.get(name)
 
 
 def build(name, mode, options=None):

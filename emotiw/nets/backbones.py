@@ -6,16 +6,13 @@ layers and returns a `Taps` dict (tap name -> Top, in build order). Heads attach
 
 `hooks` maps a tap name to a function called with that tap's Top right after the tap is built, so
 the layers a head adds there appear at that point of the prototxt (the released SSE nets interleave
-their scoring branches with the backbone). With `input_size`, every layer's output side is computed
-with Caffe's rules (floor for convolutions, ceil for pooling) and `Taps.shapes[tap]` gives
-(channels, side); a side below 1 raises a UserError naming the layer.
+their scoring branches with the backbone). Sizes are not tracked here: `shapes.top_shapes` infers
+them from the net built so far.
 """
 
 import functools
-import math
 
-from emotiw.caffe_env import import_caffe
-from emotiw.errors import UserError
+from emotiw.caffe.env import import_caffe
 
 XAVIER = {"type": "xavier"}
 BIAS_01 = {"type": "constant", "value": 0.1}
@@ -30,52 +27,21 @@ def layers_and_params():
 
 
 class Taps(dict):
-    """Tap name -> Top, in build order; `shapes[name]` = (channels, side) when sizes are tracked."""
+    """Tap name -> Top, in build order; runs the hook registered for a tap when it is added."""
 
-    def __init__(self, input_size=None, hooks=None):
+    def __init__(self, hooks=None):
         super().__init__()
-        self.shapes = {}
-        self.side = input_size
         self._hooks = dict(hooks or {})
 
-    def add(self, name, top, channels):
-        """Records a tap and runs the hook registered for it."""
+    def add(self, name, top):
         self[name] = top
-        if self.side is not None:
-            self.shapes[name] = (channels, self.side)
         hook = self._hooks.pop(name, None)
         if hook is not None:
             hook(top)
 
-    def track(self, layer, side):
-        """Moves the running spatial side to a layer's output side; refuses an empty map."""
-        if self.side is None:
-            return
-        if side < 1:
-            raise UserError(f"layer {layer}: the input is too small (output side {side}); "
-                            "use a larger input size")
-        self.side = side
-
     def check_hooks_used(self):
         if self._hooks:
             raise ValueError(f"hooks for unknown taps: {sorted(self._hooks)}")
-
-
-def conv_side(side, kernel, stride=1, pad=0, dilation=1):
-    """Caffe's convolution output side (floor rounding)."""
-    if side is None:
-        return None
-    return (side + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
-
-
-def pool_side(side, kernel, stride=1, pad=0):
-    """Caffe's pooling output side (ceil rounding; a last window starting in the padding is dropped)."""
-    if side is None:
-        return None
-    out = math.ceil((side + 2 * pad - kernel) / stride) + 1
-    if pad and (out - 1) * stride >= side + pad:
-        out -= 1
-    return out
 
 
 def conv_geometry(kernel, stride=1, pad=0, separate_hw=False, explicit=False):
@@ -173,42 +139,35 @@ def _transition_conv(n, bottom, block, num_output, use_global_stats):
     return n[name]
 
 
-def densenet121(n, bottom, input_size=None, use_global_stats=None, hooks=None):
+def densenet121(n, bottom, use_global_stats=None, hooks=None):
     """DenseNet-121 as in shicai/DenseNet-Caffe (conv1 ... conv5_blk/bn, relu5_blk, pool5).
 
-    n: the caffe.NetSpec to add to; bottom: the image Top; input_size: input side, for size
-    tracking and checks (None: no tracking); use_global_stats: BatchNorm's flag for every BN (None:
-    Caffe's default, as in the released files); hooks: {tap: fn(top)}.
+    n: the caffe.NetSpec to add to; bottom: the image Top; use_global_stats: BatchNorm's flag for
+    every BN (None: Caffe's default, as in the released files); hooks: {tap: fn(top)}.
     Taps: conv1 (after relu1), pool1, concat_B_I for every dense layer, convB_blk and poolB for the
     transitions B = 2..4, conv5_blk (after relu5_blk; blob conv5_blk/bn) and pool5 (global AVE).
     """
     L, _ = layers_and_params()
-    taps = Taps(input_size, hooks)
+    taps = Taps(hooks)
     n.conv1 = L.Convolution(bottom, num_output=64, bias_term=False, **conv_geometry(7, 2, 3))
-    taps.track("conv1", conv_side(taps.side, 7, 2, 3))
-    taps.add("conv1", _densenet_bn_relu(n, n.conv1, "conv1/bn", "conv1/scale", "relu1",
-                                        use_global_stats), 64)
+    taps.add("conv1", _densenet_bn_relu(n, n.conv1, "conv1/bn", "conv1/scale", "relu1", use_global_stats))
     n.pool1 = pool(taps["conv1"], "MAX", 3, 2, 1)
-    taps.track("pool1", pool_side(taps.side, 3, 2, 1))
-    taps.add("pool1", n.pool1, 64)
+    taps.add("pool1", n.pool1)
     x, channels = n.pool1, 64
     for block, num_layers in zip((2, 3, 4, 5), (6, 12, 24, 16)):
         for index in range(1, num_layers + 1):
             x, channels = _dense_layer(n, x, block, index, use_global_stats), channels + 32
-            taps.add(f"concat_{block}_{index}", x, channels)
+            taps.add(f"concat_{block}_{index}", x)
         if block == 5:
             break
-        channels //= 2
-        taps.add(f"conv{block}_blk", _transition_conv(n, x, block, channels, use_global_stats), channels)
-        n[f"pool{block}"] = pool(taps[f"conv{block}_blk"], "AVE", 2, 2)
-        taps.track(f"pool{block}", pool_side(taps.side, 2, 2))
-        x = n[f"pool{block}"]
-        taps.add(f"pool{block}", x, channels)
+        channels //= 2  # the transitions' compression 0.5
+        taps.add(f"conv{block}_blk", _transition_conv(n, x, block, channels, use_global_stats))
+        n[f"pool{block}"] = x = pool(taps[f"conv{block}_blk"], "AVE", 2, 2)
+        taps.add(f"pool{block}", x)
     taps.add("conv5_blk", _densenet_bn_relu(n, x, "conv5_blk/bn", "conv5_blk/scale", "relu5_blk",
-                                            use_global_stats), channels)
+                                            use_global_stats))
     n.pool5 = global_ave_pool(taps["conv5_blk"])
-    taps.track("pool5", 1)
-    taps.add("pool5", n.pool5, channels)
+    taps.add("pool5", n.pool5)
     taps.check_hooks_used()
     return taps
 
@@ -275,30 +234,27 @@ def _resnet_block_name(stage, index, numbered):
     return f"{stage}b{index}" if numbered else f"{stage}{chr(ord('a') + index)}"
 
 
-def resnet(n, bottom, blocks=(3, 4, 6, 3), input_size=None, conv1_bias=True, use_global_stats=None,
-           frozen_bn=False, conv_lr_mult=None, res5_dilation=1, hooks=None):
+def resnet(n, bottom, blocks=(3, 4, 6, 3), conv1_bias=True, use_global_stats=None, frozen_bn=False,
+           conv_lr_mult=None, res5_dilation=1, hooks=None):
     """A bottleneck ResNet with KaimingHe's layer names (conv1, bn_conv1, scale_conv1, conv1_relu,
     pool1, res2a_branch1, bn2a_branch1, scale2a_branch1, res2a_branch2a ..., res2a, res2a_relu ...).
 
     n: the caffe.NetSpec; bottom: the image Top; blocks: blocks per stage res2..res5 ((3, 4, 6, 3)
     ResNet-50, (3, 4, 23, 3) ResNet-101; when a stage has more than 6 blocks, the res3 and res4
-    blocks are named a, b1, b2 ... as in ResNet-101/152); input_size: input side for size tracking
-    (None: none); conv1_bias: conv1 has a bias (KaimingHe ResNet-50 true, ResNet-101 false);
-    use_global_stats: every BN's flag (None: Caffe's default); frozen_bn: BN use_global_stats true
-    with `param { lr_mult: 0 }` on BN (x3) and Scale (x2); conv_lr_mult: a `param { lr_mult }` on
-    every conv (None: none); res5_dilation: 2 gives res5a stride 1 and dilation 2, pad 2 on the res5
-    3x3 convs (output stride 16); hooks: {tap: fn(top)}.
+    blocks are named a, b1, b2 ... as in ResNet-101/152); conv1_bias: conv1 has a bias (KaimingHe
+    ResNet-50 true, ResNet-101 false); use_global_stats: every BN's flag (None: Caffe's default);
+    frozen_bn: BN use_global_stats true with `param { lr_mult: 0 }` on BN (x3) and Scale (x2);
+    conv_lr_mult: a `param { lr_mult }` on every conv (None: none); res5_dilation: 2 gives res5a
+    stride 1 and dilation 2, pad 2 on the res5 3x3 convs (output stride 16); hooks: {tap: fn(top)}.
     Taps: conv1 (after conv1_relu), pool1 and every block output after its ReLU (res2a ... res5c).
     """
     style = _ResNetStyle(use_global_stats, frozen_bn, conv_lr_mult)
-    taps = Taps(input_size, hooks)
+    taps = Taps(hooks)
     x = style.conv_bn(n, "conv1", "bn_conv1", "scale_conv1", bottom, 64, 7, 2, 3, bias_term=conv1_bias)
-    taps.track("conv1", conv_side(taps.side, 7, 2, 3))
     n.conv1_relu = relu(x)
-    taps.add("conv1", n.conv1_relu, 64)
+    taps.add("conv1", n.conv1_relu)
     n.pool1 = pool(n.conv1_relu, "MAX", 3, 2)
-    taps.track("pool1", pool_side(taps.side, 3, 2))
-    taps.add("pool1", n.pool1, 64)
+    taps.add("pool1", n.pool1)
     x = n.pool1
     numbered = max(blocks) > 6
     for stage, num_blocks, width in zip((2, 3, 4, 5), blocks, (64, 128, 256, 512)):
@@ -306,12 +262,9 @@ def resnet(n, bottom, blocks=(3, 4, 6, 3), input_size=None, conv1_bias=True, use
         stride = 1 if stage == 2 or dilation > 1 else 2
         for index in range(num_blocks):
             block = _resnet_block_name(stage, index, numbered and stage in (3, 4))
-            if index == 0:
-                x = _bottleneck(n, style, x, block, width, stride, dilation, project=True)
-                taps.track(f"res{block}_branch2a", conv_side(taps.side, 1, stride))
-            else:
-                x = _bottleneck(n, style, x, block, width, dilation=dilation)
-            taps.add(f"res{block}", x, 4 * width)
+            x = _bottleneck(n, style, x, block, width, stride if index == 0 else 1, dilation,
+                            project=index == 0)
+            taps.add(f"res{block}", x)
     taps.check_hooks_used()
     return taps
 
@@ -416,36 +369,27 @@ def _holonet_inception_res(n, style, bottom, prefix, out, stride):
     return _holonet_join(n, prefix, residual, shortcut)
 
 
-def holonet(n, bottom, input_size=None, use_global_stats=False, hooks=None):
+def holonet(n, bottom, use_global_stats=False, hooks=None):
     """The SSE-HoloNet trunk with the released layer names: conv1_1 (CReLU), pool1, conv2_1 ...
     conv3_2 (residual-CReLU), conv4_1 (inception-residual). There is no classifier.
 
-    n: the caffe.NetSpec; bottom: the image Top; input_size: input side for size tracking (None:
-    none); use_global_stats: every BN's flag (released train net false, test net true);
-    hooks: {tap: fn(top)}. Taps: conv1_1, pool1, conv2_1, conv2_2, conv3_1, conv3_2, conv4_1.
+    n: the caffe.NetSpec; bottom: the image Top; use_global_stats: every BN's flag (released train
+    net false, test net true); hooks: {tap: fn(top)}. Taps: conv1_1, pool1, conv2_1, conv2_2,
+    conv3_1, conv3_2, conv4_1. The conv4_1 paths (floor-rounded 1x1 convs, a ceil-rounded pool)
+    agree at some input sizes only, any multiple of 8 among them; shapes.infer refuses the others.
     """
     style = _HoloNetStyle(use_global_stats)
-    taps = Taps(input_size, hooks)
-    x = _holonet_crelu(n, style, bottom, "conv1_1", 8, 7, 1, 3)
-    taps.track("conv1_1/conv", conv_side(taps.side, 7, 1, 3))
-    taps.add("conv1_1", x, 16)
+    taps = Taps(hooks)
+    taps.add("conv1_1", _holonet_crelu(n, style, bottom, "conv1_1", 8, 7, 1, 3))
     n.pool1 = pool(taps["conv1_1"], "MAX", 3, 2)
-    taps.track("pool1", pool_side(taps.side, 3, 2))
-    taps.add("pool1", n.pool1, 16)
+    taps.add("pool1", n.pool1)
     x = n.pool1
     for prefix, reduce, out, stride, project in (("conv2_1", 12, 32, 1, True),
                                                  ("conv2_2", 12, 32, 1, False),
                                                  ("conv3_1", 16, 48, 2, True),
                                                  ("conv3_2", 16, 48, 1, False)):
         x = _holonet_res_crelu(n, style, x, prefix, reduce, out, stride, project)
-        taps.track(f"{prefix}/1/conv", conv_side(taps.side, 1, stride))
-        taps.add(prefix, x, out)
-    conv_path, pool_path = conv_side(taps.side, 1, 2), pool_side(taps.side, 3, 2)
-    if conv_path != pool_path:  # Caffe's Concat would abort on the mismatch
-        raise UserError(f"layer conv4_1/incep: its paths disagree ({conv_path} vs {pool_path}) at "
-                        f"input size {input_size}; use an input size that is a multiple of 8")
-    x = _holonet_inception_res(n, style, x, "conv4_1", 64, 2)
-    taps.track("conv4_1/incep/pool", pool_path)
-    taps.add("conv4_1", x, 64)
+        taps.add(prefix, x)
+    taps.add("conv4_1", _holonet_inception_res(n, style, x, "conv4_1", 64, 2))
     taps.check_hooks_used()
     return taps

@@ -8,37 +8,28 @@ branches -> conv4-dsnK] -> fc-dsnK -> its own loss; its map is also upsampled to
 the maps of all branches are fused by `new-score-weighting` (1x1 conv) -> fc -> the main loss.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from emotiw.caffe_env import import_caffe
-from emotiw.errors import UserError
+from emotiw.caffe.env import import_caffe
+from emotiw.nets import data
 from emotiw.nets.backbones import densenet121 as densenet121_trunk
 from emotiw.nets.backbones import layers_and_params, param_specs, pool, relu, resnet
+from emotiw.nets.options import MODES
 
-MODES = ("train_val", "test", "deploy")
-
-# Preprocessing of every released DSN prototxt: resize to 256x256 (aspect ratio ignored), random
-# (train) or centre (test) 224 crop, mirror in training, BGR mean values, no scaling.
-INPUT_SIZE = 224
-RESIZE = 256
 MEAN_BGR = (103.939, 116.779, 123.68)
-RAF_TRAIN = "data/raf/train.txt"
 RAF_VAL = "data/raf/val.txt"
+# The data layers of the released DSN prototxts: image lists resized to 256x256 (aspect ratio
+# ignored), a random (train) or centre (test) 224 crop, mirror in training, BGR mean values, no
+# scaling; the train list and batch, and the val shuffle, differ between the nets (see the builders).
+INPUTS = data.Inputs(input_size=224, resize=256, mean_values=MEAN_BGR, mean_file=None,
+                     train_source="data/raf/train.txt", val_source=RAF_VAL, test_source=RAF_VAL,
+                     train_batch=16, val_batch=8, test_batch=8)
 
 LEARN = param_specs((1, 1), (2, 0))
 LEARN_SLOW = param_specs((0.1, 1), (0.2, 0))   # DSS's 1x1 score convs
 FROZEN = param_specs((0, 0), (0, 0))           # the bilinear upsampling deconvolutions
 GAUSSIAN = {"type": "gaussian", "std": 0.01}
 ZERO = {"type": "constant", "value": 0}
-
-
-@dataclass(frozen=True)
-class DataDefaults:
-    """The released data layers' values that differ between the DSN nets."""
-    train_source: str = RAF_TRAIN
-    train_batch: int = 16
-    test_batch: int = 8
-    test_shuffle: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,93 +64,19 @@ def _resnet_branches(res3_last, res4_last, dsn6_stride):
 # ------------------------------------------------------------------------------------------
 # Inputs and outputs shared by the five nets
 
-@dataclass(frozen=True)
-class Inputs:
-    """NetOptions resolved against a DSN net's defaults."""
-    size: int
-    resize: int
-    channels: int
-    mean: dict               # transform_param mean_value / mean_file
-    source_type: str
-    train_source: str
-    val_source: str
-    train_batch: int
-    test_batch: int
-    test_shuffle: bool
-    num_classes: int
-
-
-def resolve_inputs(options, defaults):
-    size = options.input_size or INPUT_SIZE
-    resize = options.resize or round(size * RESIZE / INPUT_SIZE)
-    if resize < size:
-        raise UserError(f"resize {resize} is smaller than the input size {size}; the crop needs "
-                        "resize >= input size")
-    channels = 3 if options.color else 1
-    return Inputs(size=size, resize=resize, channels=channels, mean=mean_param(options, channels),
-                  source_type=options.source_type or "list",
-                  train_source=options.train_source or defaults.train_source,
-                  val_source=options.val_source or RAF_VAL,
-                  train_batch=options.train_batch or defaults.train_batch,
-                  test_batch=options.test_batch or defaults.test_batch,
-                  test_shuffle=defaults.test_shuffle, num_classes=options.num_classes)
-
-
-def mean_param(options, channels):
-    """transform_param's mean: the given mean file or values, else the released BGR means (their
-    luma for grayscale input, weighted as OpenCV's BGR-to-gray conversion)."""
-    if options.mean_file and options.mean_values:
-        raise UserError("give either mean values or a mean file, not both")
-    if options.mean_file:
-        return {"mean_file": options.mean_file}
-    values = list(options.mean_values or (MEAN_BGR if channels == 3 else [gray_mean(MEAN_BGR)]))
-    if len(values) not in (1, channels):
-        raise UserError(f"{len(values)} mean values for {channels}-channel input; give 1 or {channels}")
-    return {"mean_value": values}
-
-
-def gray_mean(bgr):
-    blue, green, red = bgr
-    return round(0.114 * blue + 0.587 * green + 0.299 * red, 3)
-
-
-def data_layer(inputs, train, shuffle, phase=None):
-    """ImageData (resize then crop) or, for LMDB sources, Data; tops data and label."""
-    L, P = layers_and_params()
-    source = inputs.train_source if train else inputs.val_source
-    batch = inputs.train_batch if train else inputs.test_batch
-    kwargs = {"ntop": 2, "transform_param": {"crop_size": inputs.size, "mirror": train, **inputs.mean}}
-    if phase is not None:
-        kwargs["include"] = {"phase": phase}
-    if inputs.source_type == "lmdb":
-        return L.Data(data_param={"source": source, "batch_size": batch, "backend": P.Data.LMDB},
-                      **kwargs)
-    image_param = {"source": source, "batch_size": batch, "shuffle": shuffle,
-                   "new_height": inputs.resize, "new_width": inputs.resize}
-    if inputs.channels == 1:
-        image_param["is_color"] = False
-    return L.ImageData(image_data_param=image_param, **kwargs)
-
-
 class Net:
     """A NetSpec with the data layer(s) of one mode, and the matching outputs for each classifier."""
 
-    def __init__(self, name, mode, inputs, losses_in_train_only, deploy_keeps_lr=True):
+    def __init__(self, key, mode, options, inputs, losses_in_train_only, deploy_keeps_lr=True):
+        """key: the net's registry name; inputs: its data defaults, which options override."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        L, _ = layers_and_params()
-        self.caffe = caffe = import_caffe()
-        self.name, self.mode, self.inputs = name, mode, inputs
+        self.caffe = import_caffe()
+        self.name, self.mode, self.num_classes = CAFFE_NAMES[key], mode, options.num_classes
         self.losses_in_train_only = losses_in_train_only
         self.deploy_keeps_lr = deploy_keeps_lr
-        self.n = n = caffe.NetSpec()
-        if mode == "deploy":
-            n.data = L.Input(input_param={"shape": {"dim": [1, inputs.channels, inputs.size, inputs.size]}})
-        elif mode == "test":  # for extract_features: every image once, in list order
-            n.data, n.label = data_layer(inputs, train=False, shuffle=False)
-        else:
-            n.data, n.label = data_layer(inputs, train=True, shuffle=True, phase=caffe.TRAIN)
-            self.test_data = data_layer(inputs, train=False, shuffle=inputs.test_shuffle, phase=caffe.TEST)
+        self.n = self.caffe.NetSpec()
+        self.test_data = data.add_data(self.n, inputs.resolve(options, mode), mode)
 
     def outputs(self, logits, suffix="", loss_weight=None):
         """Accuracy and SoftmaxWithLoss in train_val, a Softmax `prob<suffix>` otherwise."""
@@ -177,15 +94,10 @@ class Net:
         n["softmax_loss" + suffix] = L.SoftmaxWithLoss(n[logits], n.label, **loss)
 
     def to_proto(self):
-        net = self.n.to_proto()
-        net.name = self.name
+        net = data.to_proto(self.n, self.name, self.test_data)
         if self.mode == "deploy" and not self.deploy_keeps_lr:
             for layer in net.layer:  # the released plain nets' deploy files have no param specs
                 del layer.param[:]
-        if self.mode == "train_val":  # the TEST data layer, written on its own, goes second
-            spec = self.caffe.NetSpec()
-            spec.data, spec.label = self.test_data
-            net.layer.insert(1, spec.to_proto().layer[0])
         return net
 
 
@@ -240,7 +152,7 @@ def side_branch(net, taps, branch, deeper):
         n[_score_name(branch)] = score_map(n[f"concat-dsn{k}"])
     upsample_and_crop(n, _score_name(branch), branch.stride, f"upsample{branch.stride}_in_dsn{k}",
                       f"score-dsn{k}-up", n.data, f"upscore-dsn{k}")
-    n[f"fc-dsn{k}"] = classifier(n[_score_name(branch)], net.inputs.num_classes)
+    n[f"fc-dsn{k}"] = classifier(n[_score_name(branch)], net.num_classes)
     net.outputs(f"fc-dsn{k}", f"-dsn{k}", loss_weight=1)
 
 
@@ -255,7 +167,7 @@ def deep_supervision(net, taps, branches, fusion_order, fusion_weight):
     n["upscore-fuse"] = L.Convolution(n["concat-upscore"], name="new-score-weighting", num_output=1,
                                       kernel_size=1, param=LEARN_SLOW,
                                       weight_filler={"type": "constant", "value": fusion_weight})
-    n.fc = classifier(n["upscore-fuse"], net.inputs.num_classes)
+    n.fc = classifier(n["upscore-fuse"], net.num_classes)
     net.outputs("fc")
 
 
@@ -292,9 +204,8 @@ def vgg16_features(n, bottom, dsn):
 def vgg_face(mode, options):
     """The plain VGG-Face fine-tune (VGG-FACE/vggface_train_test.prototxt)."""
     L, _ = layers_and_params()
-    inputs = resolve_inputs(options, DataDefaults(train_source="data/raf/train_gan_plus_raf.txt",
-                                                  test_shuffle=True))
-    net = Net("VGG_FACE", mode, inputs, losses_in_train_only=False, deploy_keeps_lr=False)
+    inputs = replace(INPUTS, train_source="data/raf/train_gan_plus_raf.txt", val_shuffle=True)
+    net = Net("vgg_face", mode, options, inputs, losses_in_train_only=False, deploy_keeps_lr=False)
     n = net.n
     top = vgg16_features(n, n.data, dsn=False)["pool5"]
     for index in (6, 7):
@@ -303,15 +214,14 @@ def vgg_face(mode, options):
                                          bias_filler={"type": "constant", "value": 0.1})
         n[f"relu{index}"] = relu(n[f"fc{index}"])
         n[f"drop{index}"] = top = L.Dropout(n[f"relu{index}"], dropout_ratio=0.5, in_place=True)
-    n.fc8_vgg = classifier(top, inputs.num_classes)
+    n.fc8_vgg = classifier(top, net.num_classes)
     net.outputs("fc8_vgg")
     return net.to_proto()
 
 
 def dsn_vgg_face(mode, options):
     """The released DSN-VGG-FACE: 6 side branches, fusion weights 1/6 (written 0.1667), 7 losses."""
-    inputs = resolve_inputs(options, DataDefaults())
-    net = Net("DSN_VGG_FACE", mode, inputs, losses_in_train_only=True)
+    net = Net("dsn_vgg_face", mode, options, INPUTS, losses_in_train_only=True)
     n = net.n
     taps = vgg16_features(n, n.data, dsn=True)
     n.pool5a = taps["pool5a"] = pool(taps["pool5"], "AVE", 3, 1, 1)
@@ -326,20 +236,19 @@ def dsn_resnet(mode, options):
     """The released "DSN-Res-50": a ResNet-101 topology (3-4-23-3, no conv1 bias) with frozen BN and
     a dilated res5 (output stride 16), 5 side branches, fusion weights 0.2, 6 losses. Its dsn6
     upsampling factors assume stride 32 (kept, so that the released caffemodel loads)."""
-    return _dsn_resnet_net("DSN_RES_101_TOPOLOGY", mode, options, blocks=(3, 4, 23, 3),
+    return _dsn_resnet_net("dsn_resnet", mode, options, blocks=(3, 4, 23, 3),
                            conv1_bias=False, taps=("res3b3", "res4b22"), dsn6_stride=32)
 
 
 def dsn_resnet50(mode, options):
     """A true ResNet-50 (3-4-6-3, KaimingHe names and conv1 bias) in the DSN-Res design, so that
     ImageNet ResNet-50 weights initialise every block; dsn6 upsampling fixed for its stride 16."""
-    return _dsn_resnet_net("DSN_RES_50", mode, options, blocks=(3, 4, 6, 3), conv1_bias=True,
+    return _dsn_resnet_net("dsn_resnet50", mode, options, blocks=(3, 4, 6, 3), conv1_bias=True,
                            taps=("res3d", "res4f"), dsn6_stride=16)
 
 
-def _dsn_resnet_net(name, mode, options, blocks, conv1_bias, taps, dsn6_stride):
-    inputs = resolve_inputs(options, DataDefaults())
-    net = Net(name, mode, inputs, losses_in_train_only=True)
+def _dsn_resnet_net(key, mode, options, blocks, conv1_bias, taps, dsn6_stride):
+    net = Net(key, mode, options, INPUTS, losses_in_train_only=True)
     trunk = resnet(net.n, net.n.data, blocks=blocks, conv1_bias=conv1_bias, frozen_bn=True,
                    conv_lr_mult=1.0, res5_dilation=2)
     deep_supervision(net, trunk, _resnet_branches(*taps, dsn6_stride),
@@ -353,16 +262,16 @@ def _dsn_resnet_net(name, mode, options, blocks, conv1_bias, taps, dsn6_stride):
 def densenet121(mode, options):
     """The plain DenseNet-121 fine-tune (DenseNet/DenseNet_train_test.prototxt), no deep supervision."""
     L, _ = layers_and_params()
-    inputs = resolve_inputs(options, DataDefaults(train_batch=8))
-    net = Net("DENSENET_121", mode, inputs, losses_in_train_only=False, deploy_keeps_lr=False)
+    net = Net("densenet121", mode, options, replace(INPUTS, train_batch=8),
+              losses_in_train_only=False, deploy_keeps_lr=False)
     n = net.n
     trunk = densenet121_trunk(n, n.data)
-    n.fc6_exp = L.Convolution(trunk["pool5"], num_output=inputs.num_classes, kernel_size=1,
+    n.fc6_exp = L.Convolution(trunk["pool5"], num_output=net.num_classes, kernel_size=1,
                               param=LEARN, weight_filler=GAUSSIAN, bias_filler=ZERO)
     top = n.fc6_exp
     if mode == "train_val":
         n.drop = top = L.Dropout(n.fc6_exp, dropout_ratio=0.5, in_place=True)
-    n.fc6_final = classifier(top, inputs.num_classes, weight_filler={"type": "xavier"},
+    n.fc6_final = classifier(top, net.num_classes, weight_filler={"type": "xavier"},
                              bias_filler={"type": "constant", "value": 0.1})
     net.outputs("fc6_final")
     return net.to_proto()
@@ -386,6 +295,14 @@ SOLVERS = {
                     "test_interval": 500, "display": 100, "snapshot": 2000},
 }
 
+# The `name:` of each net's prototxts.
+CAFFE_NAMES = {
+    "vgg_face": "VGG_FACE",
+    "dsn_vgg_face": "DSN_VGG_FACE",
+    "dsn_resnet": "DSN_RES_101_TOPOLOGY",
+    "dsn_resnet50": "DSN_RES_50",
+    "densenet121": "DENSENET_121",
+}
 BUILDERS = {
     "vgg_face": vgg_face,
     "dsn_vgg_face": dsn_vgg_face,

@@ -3,6 +3,10 @@
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+# What a builder is asked for: the train_val net (TRAIN and TEST data layers, losses), the test net
+# (one pass over a list, for Caffe's extract_features) or the deploy net (an Input, prob).
+MODES = ("train_val", "test", "deploy")
+
 
 @dataclass(frozen=True)
 class NetOptions:

@@ -2,8 +2,9 @@
 
 Caffe aborts the whole process (glog CHECK) when a layer gets a non-positive output size or a Crop
 larger than its input, so nets are checked here first and the user gets an error naming the layer.
-The same shapes give parameter counts (`emotiw nets --list`) and the expected blob shapes that
-`emotiw weights report` compares a caffemodel with, without instantiating anything.
+The builders size their layers from the same shapes (`top_shapes` on a NetSpec built so far), which
+also give parameter counts (`emotiw nets --list`) and the expected blob shapes that `emotiw weights
+report` compares a caffemodel with, without instantiating anything.
 """
 
 import math
@@ -55,6 +56,21 @@ def infer(net, data_shape=None):
         shapes.params.setdefault(layer.name, params)
         shapes.layer_types.setdefault(layer.name, layer.type)
     return shapes
+
+
+def top_shapes(spec, tops, data_shape=None):
+    """Shapes of Tops of a caffe.NetSpec ({key: Top} -> {key: shape}), inferred on the net built in
+    it so far: how the builders size layers from the maps they read."""
+    blobs = infer(spec.to_proto(), data_shape).blobs
+    names = {top: name for name, top in spec.tops.items()}  # as NetSpec.to_proto names the blobs
+    return {key: blobs[names[_written(top)]] for key, top in tops.items()}
+
+
+def _written(top):
+    """The Top whose blob a Top writes: an in-place layer writes its bottom's."""
+    while top.fn.in_place:
+        top = top.fn.inputs[0]
+    return top
 
 
 def _legacy_inputs(net):
@@ -196,7 +212,8 @@ def _concat(layer, bottoms, data_shape):
     for other in bottoms[1:]:
         if other[:axis] + other[axis + 1:] != first[:axis] + first[axis + 1:]:
             raise UserError(f"layer '{layer.name}' (Concat) joins blobs of shapes "
-                            f"{[list(b) for b in bottoms]}, which differ outside axis {axis}")
+                            f"{[list(b) for b in bottoms]}, which differ outside axis {axis}: the input "
+                            "size does not suit this net")
     return [(*first[:axis], sum(b[axis] for b in bottoms), *first[axis + 1:])], []
 
 

@@ -3,7 +3,7 @@
 The released solvers say `solver_mode: GPU`; ours say CPU, which `caffe train --gpu=N` overrides.
 """
 
-from emotiw.caffe_env import import_caffe
+from emotiw.caffe.env import import_caffe
 from emotiw.errors import UserError
 
 

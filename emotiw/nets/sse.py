@@ -16,58 +16,73 @@ import dataclasses
 import functools
 from typing import Optional
 
-from emotiw.caffe_env import import_caffe
+from emotiw.caffe.env import import_caffe
 from emotiw.errors import UserError
-from emotiw.nets import backbones
-from emotiw.nets.backbones import BIAS_01, FROZEN_BN, XAVIER, conv_side, param_specs, pool_side
-from emotiw.nets.options import NetOptions
+from emotiw.nets import backbones, data
+from emotiw.nets.backbones import BIAS_01, FROZEN_BN, XAVIER, param_specs
+from emotiw.nets.options import MODES, NetOptions
+from emotiw.nets.shapes import top_shapes
 
 BACKBONES = ("holonet", "densenet121", "resnet50")
 VARIANTS = ("original", "3conv-s_eltwise", "3conv-s_concat", "4conv-c_eltwise", "4conv-c_concat")
-MODES = ("train_val", "test", "deploy")
-PAPER = "SSE (Hu et al., ICMI 2017)"
 DISPLAY_NAMES = {"holonet": "HoloNet", "densenet121": "DenseNet-121", "resnet50": "ResNet-50"}
 TEST_LIST = "data/Emoti2017/EmotiW_3_norm/test_file_list.txt"  # the released test nets' list
 
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """What the released files of one backbone fix."""
+    inputs: data.Inputs
+    released_variant: str
+    pretrained: Optional[str]      # the file under models/pretrained/ it fine-tunes from
+    released_caffemodel: str
+    solver: dict
+
+
+def _sse_inputs(**fields):
+    """The released SSE data layers: LMDBs as they are (no resize, no crop, `shuffle` unstated), and
+    a test net on an image list."""
+    return data.Inputs(source_type="lmdb", crop=False, states_shuffle=False, test_reads_list=True,
+                       test_source=TEST_LIST, **fields)
+
+
 # Per-backbone defaults, from the released prototxts and solvers (../shared/reference/sse-facts.md).
 SSE_DEFAULTS = {
-    "holonet": {
-        "paper": PAPER, "released_variant": "3conv-s_concat", "input_size": 128,
-        "mean_file": "data/EmotiW_3_norm/EmotiW_3_norm_mean.binaryproto", "mean_values": None,
-        "train_batch": 128, "val_batch": 128, "test_batch": 128, "mirror": False, "resize": None,
-        "train_source": "examples/EmotiW_3_norm/EmotiW_3_norm_train_lmdb",
-        "val_source": "examples/EmotiW_3_norm/EmotiW_3_norm_val_lmdb",
-        "pretrained": None, "released_caffemodel": "SSE_HoloNet_trval_iter_69500.caffemodel",
-        "solver": {"test_iter": [200], "test_interval": 500, "base_lr": 0.01, "lr_policy": "step",
-                   "gamma": 0.3, "stepsize": 20000, "display": 500, "max_iter": 70000,
-                   "momentum": 0.9, "weight_decay": 0.0002, "snapshot": 500},
-    },
-    "densenet121": {
-        "paper": PAPER, "released_variant": "3conv-s_concat", "input_size": 128,
-        "mean_file": None, "mean_values": (103.94, 116.78, 123.68),
-        "train_batch": 32, "val_batch": 32, "test_batch": 27, "mirror": False, "resize": None,
-        "train_source": "data/Emoti2017/EmotiW_3_norm/EmotiW_3_norm_train_lmdb",
-        "val_source": "data/Emoti2017/EmotiW_3_norm/EmotiW_3_norm_val_lmdb",
-        "pretrained": "DenseNet_121.caffemodel",
-        "released_caffemodel": "SSE_DenseNet_121_trval_iter_69500.caffemodel",
+    "holonet": Defaults(
+        inputs=_sse_inputs(input_size=128, resize=None, mirror=False,
+                           mean_file="data/EmotiW_3_norm/EmotiW_3_norm_mean.binaryproto", mean_values=None,
+                           train_batch=128, val_batch=128, test_batch=128,
+                           train_source="examples/EmotiW_3_norm/EmotiW_3_norm_train_lmdb",
+                           val_source="examples/EmotiW_3_norm/EmotiW_3_norm_val_lmdb"),
+        released_variant="3conv-s_concat", pretrained=None,
+        released_caffemodel="SSE_HoloNet_trval_iter_69500.caffemodel",
+        solver={"test_iter": [200], "test_interval": 500, "base_lr": 0.01, "lr_policy": "step",
+                "gamma": 0.3, "stepsize": 20000, "display": 500, "max_iter": 70000,
+                "momentum": 0.9, "weight_decay": 0.0002, "snapshot": 500}),
+    "densenet121": Defaults(
+        inputs=_sse_inputs(input_size=128, resize=None, mirror=False,
+                           mean_file=None, mean_values=(103.94, 116.78, 123.68),
+                           train_batch=32, val_batch=32, test_batch=27,
+                           train_source="data/Emoti2017/EmotiW_3_norm/EmotiW_3_norm_train_lmdb",
+                           val_source="data/Emoti2017/EmotiW_3_norm/EmotiW_3_norm_val_lmdb"),
+        released_variant="3conv-s_concat", pretrained="DenseNet_121.caffemodel",
+        released_caffemodel="SSE_DenseNet_121_trval_iter_69500.caffemodel",
         # multistep without any stepvalue: the learning rate stays at base_lr (kept as released)
-        "solver": {"test_iter": [200], "test_interval": 500, "base_lr": 0.01, "lr_policy": "multistep",
-                   "gamma": 0.1, "stepsize": 20000, "display": 500, "max_iter": 70000,
-                   "momentum": 0.9, "weight_decay": 0.0001, "snapshot": 500},
-    },
-    "resnet50": {
-        "paper": PAPER, "released_variant": "4conv-c_concat", "input_size": 224,
-        "mean_file": "models/EmotiW2017/ResNet_mean.binaryproto", "mean_values": None,
-        "train_batch": 5, "val_batch": 29, "test_batch": 29, "mirror": True,
-        "resize": 224,  # image lists are resized to the input size (the released test net was not)
-        "train_source": "examples/EmotiW2017/EmotiW2017_train_lmdb2_resize",
-        "val_source": "examples/EmotiW2017/EmotiW2017_lmdb_val4test",
-        "pretrained": "ResNet-50-model.caffemodel",
-        "released_caffemodel": "SSE_ResNet_50_trval_iter_83000.caffemodel",
-        "solver": {"test_iter": [200], "test_interval": 1000, "base_lr": 0.001, "lr_policy": "step",
-                   "gamma": 0.3, "stepsize": 5000, "display": 500, "max_iter": 100000,
-                   "momentum": 0.9, "weight_decay": 0.0002, "snapshot": 1000, "random_seed": 0},
-    },
+        solver={"test_iter": [200], "test_interval": 500, "base_lr": 0.01, "lr_policy": "multistep",
+                "gamma": 0.1, "stepsize": 20000, "display": 500, "max_iter": 70000,
+                "momentum": 0.9, "weight_decay": 0.0001, "snapshot": 500}),
+    "resnet50": Defaults(
+        # image lists are resized to the input size (the released test net was not)
+        inputs=_sse_inputs(input_size=224, resize=224, mirror=True,
+                           mean_file="models/EmotiW2017/ResNet_mean.binaryproto", mean_values=None,
+                           train_batch=5, val_batch=29, test_batch=29,
+                           train_source="examples/EmotiW2017/EmotiW2017_train_lmdb2_resize",
+                           val_source="examples/EmotiW2017/EmotiW2017_lmdb_val4test"),
+        released_variant="4conv-c_concat", pretrained="ResNet-50-model.caffemodel",
+        released_caffemodel="SSE_ResNet_50_trval_iter_83000.caffemodel",
+        solver={"test_iter": [200], "test_interval": 1000, "base_lr": 0.001, "lr_policy": "step",
+                "gamma": 0.3, "stepsize": 5000, "display": 500, "max_iter": 100000,
+                "momentum": 0.9, "weight_decay": 0.0002, "snapshot": 1000, "random_seed": 0}),
 }
 
 # Supervised taps: the intermediate ones of 3conv and 4conv, and the last map (the own classifier).
@@ -97,39 +112,13 @@ class _Settings:
     variant: str
     mode: str
     num_classes: int
-    input_size: int
-    channels: int
-    mean: dict
-    resize: Optional[int]
-    train_batch: int
-    val_batch: int
-    test_batch: int
-    mirror: bool
-    source_type: str
-    train_source: str
-    val_source: str
+    inputs: data.Inputs
     branch_outputs: int
 
     @property
     def use_global_stats(self):
         """BN flag of the layers the released files set explicitly: false to train, true to test."""
         return self.mode != "train_val"
-
-
-def _mean(options, defaults):
-    if options.mean_values is not None and options.mean_file is not None:
-        raise UserError("give either mean values or a mean file, not both")
-    if options.mean_values is not None:
-        mean = {"mean_value": list(options.mean_values)}
-    elif options.mean_file is not None:
-        mean = {"mean_file": options.mean_file}
-    elif defaults["mean_file"] is not None:
-        mean = {"mean_file": defaults["mean_file"]}
-    else:
-        mean = {"mean_value": list(defaults["mean_values"])}
-    if not options.color and len(mean.get("mean_value", [0])) != 1:
-        raise UserError("a grayscale input takes one mean value (or a 1-channel mean file)")
-    return mean
 
 
 def _check_names(backbone, variant, mode="train_val"):
@@ -141,80 +130,15 @@ def _check_names(backbone, variant, mode="train_val"):
 
 def _settings(backbone, variant, mode, options):
     _check_names(backbone, variant, mode)
-    defaults = SSE_DEFAULTS[backbone]
-    source_type = options.source_type or "lmdb"
-    if source_type not in ("lmdb", "list"):
-        raise UserError(f"unknown source type {source_type!r}; choose lmdb or list")
-    if source_type == "list" and mode == "train_val" and not (options.train_source and options.val_source):
-        raise UserError("image-list training needs both a train list and a val list")
+    inputs = SSE_DEFAULTS[backbone].inputs.resolve(options, mode)
     branch_outputs = options.num_classes
     if backbone == "holonet" and variant.endswith("_concat"):
         branch_outputs = options.holonet_branch_outputs
         if branch_outputs < options.num_classes:
             raise UserError(f"HoloNet branch outputs ({branch_outputs}) must be at least the "
                             f"number of classes ({options.num_classes})")
-    input_size = options.input_size or defaults["input_size"]
-    return _Settings(
-        backbone=backbone, variant=variant, mode=mode, num_classes=options.num_classes,
-        input_size=input_size, channels=3 if options.color else 1,
-        mean=_mean(options, defaults), resize=options.resize or (input_size if defaults["resize"] else None),
-        train_batch=options.train_batch or defaults["train_batch"],
-        val_batch=options.test_batch or defaults["val_batch"],
-        test_batch=options.test_batch or defaults["test_batch"],
-        mirror=defaults["mirror"], source_type=source_type,
-        train_source=options.train_source or defaults["train_source"],
-        val_source=options.val_source or (TEST_LIST if mode == "test" else defaults["val_source"]),
-        branch_outputs=branch_outputs)
-
-
-# --------------------------------------------------------------------------------------------
-# Data layers
-
-def _transform(s, train):
-    crop = s.input_size if s.resize and s.resize != s.input_size else 0
-    return {"mirror": s.mirror and train, "crop_size": crop, **s.mean}
-
-
-def _data_layer(s, phase):
-    """The TRAIN or TEST data layer of a train_val net: LMDB Data (released) or ImageData."""
-    L, P = backbones.layers_and_params()
-    train = phase == "TRAIN"
-    source = s.train_source if train else s.val_source
-    batch = s.train_batch if train else s.val_batch
-    include = {"phase": getattr(import_caffe(), phase)}
-    if s.source_type == "lmdb":
-        return L.Data(ntop=2, include=include, transform_param=_transform(s, train),
-                      data_param={"source": source, "batch_size": batch, "backend": P.Data.LMDB})
-    return L.ImageData(ntop=2, include=include, transform_param=_transform(s, train),
-                       image_data_param=_image_data_param(s, source, batch, shuffle=train))
-
-
-def _image_data_param(s, source, batch, shuffle=False):
-    param = {"source": source, "batch_size": batch}
-    if shuffle:
-        param["shuffle"] = True
-    if s.resize:
-        param.update(new_height=s.resize, new_width=s.resize)
-    if s.channels == 1:
-        param["is_color"] = False
-    return param
-
-
-def _add_input(n, s):
-    """Adds data (and label) to `n`; returns the extra TEST data layer of a train_val net, or None."""
-    L, _ = backbones.layers_and_params()
-    if s.mode == "deploy":
-        n.data = L.Input(shape={"dim": [1, s.channels, s.input_size, s.input_size]})
-        return None
-    if s.mode == "test":
-        n.data, n.label = L.ImageData(ntop=2, transform_param=_transform(s, train=False),
-                                      image_data_param=_image_data_param(s, s.val_source, s.test_batch))
-        return None
-    n.data, n.label = _data_layer(s, "TRAIN")
-    caffe = import_caffe()
-    test_spec = caffe.NetSpec()
-    test_spec.data, test_spec.label = _data_layer(s, "TEST")
-    return test_spec.to_proto().layer[0]
+    return _Settings(backbone=backbone, variant=variant, mode=mode, num_classes=options.num_classes,
+                     inputs=inputs, branch_outputs=branch_outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +148,9 @@ class _Heads:
     """Adds scoring branches, the own classifier and the fusion to a NetSpec, in the released style
     of each backbone (names, parameter specs, pooling)."""
 
-    def __init__(self, n, s, shapes):
-        self.n, self.s, self.shapes = n, s, shapes
+    def __init__(self, n, s, tap_shapes):
+        self.n, self.s = n, s
+        self.tap_shapes = tap_shapes  # tap name -> blob shape, from a dry build of the backbone
         self.taps = {}    # tap name -> Top, filled while the backbone is built
         self.scores = []  # the 2-D class-score Tops, in supervision order
 
@@ -259,6 +184,21 @@ class _Heads:
         n[relu] = backbones.relu(n[scale])
         return n[relu]
 
+    def _side(self, top):
+        """The side of a map, inferred on the net built so far."""
+        return top_shapes(self.n, {"map": top}, self.s.inputs.data_shape)["map"][2]
+
+    def _smaller_map_channels(self, tap):
+        """The channels of each smaller map the backbone makes after `tap`, down to the last map
+        (at each side, those of the last tap)."""
+        channels_at = {shape[2]: shape[1] for shape in self.tap_shapes.values()}  # last tap wins
+        side, last_side = self.tap_shapes[tap][2], self._last_side()
+        return [channels_at[smaller] for smaller in sorted(channels_at, reverse=True)
+                if last_side <= smaller < side]
+
+    def _last_side(self):
+        return self.tap_shapes[TAPS[self.s.backbone]["last"]][2]
+
     def _loss(self, name, score):
         if self.s.mode != "deploy":
             L, _ = backbones.layers_and_params()
@@ -273,8 +213,7 @@ class _Heads:
         holonet = self.s.backbone == "holonet"
         pooled = f"pool{tag}" if holonet else f"pool{tag}_fused"
         n[pooled] = backbones.pool(self.taps[tap], "MAX" if holonet else "AVE", 2, 2)
-        n[f"conv_fc{tag}"] = self._conv(n[pooled], 1024, pool_side(self.shapes[tap][1], 2, 2),
-                                        param=self._specs("conv"))
+        n[f"conv_fc{tag}"] = self._conv(n[pooled], 1024, self._side(n[pooled]), param=self._specs("conv"))
         x = self._bn_scale_relu(n[f"conv_fc{tag}"], f"conv_fc{tag}/bn", f"conv_fc{tag}/bn_scale",
                                 f"conv_fc{tag}/relu")
         n[f"conv_fc{tag}_1"] = self._conv(x, num_output, 1, param=self._specs("score"))
@@ -284,24 +223,21 @@ class _Heads:
         self.scores.append(n[f"flat_{tag}"])
 
     def c_branch(self, tap, num_output):
-        """-c: 7x7 s2 p3 convs (+ BN/Scale/ReLU), each giving the channels the backbone has at the
-        new size, down to the size of the last map -> AVE over it -> InnerProduct -> loss. Names
-        follow the released SSE-ResNet (res2c_conv_1, res2c_bn_1, ..., pool2, fc2, loss2); each conv
-        has its own top (the released later convs ran in place while changing shape)."""
+        """-c: a 7x7 s2 p3 conv (+ BN/Scale/ReLU) for each smaller map the backbone makes after the
+        tap, giving the channels the backbone has there, down to the size of the last map -> AVE
+        over it -> InnerProduct -> loss. Every backbone step after a tap halves the side rounding
+        up, as these convs do. Names follow the released SSE-ResNet (res2c_conv_1, res2c_bn_1, ...,
+        pool2, fc2, loss2); each conv has its own top (the released later convs ran in place while
+        changing shape)."""
         n, tag = self.n, BRANCH_TAGS[tap]
-        channels_at = {side: channels for channels, side in self.shapes.values()}  # last tap wins
-        side, last_side = self.shapes[tap][1], self.shapes[TAPS[self.s.backbone]["last"]][1]
-        x, step = self.taps[tap], 1
-        while side > last_side:
-            side = conv_side(side, 7, 2, 3)
+        x = self.taps[tap]
+        for step, channels in enumerate(self._smaller_map_channels(tap), start=1):
             top = f"{tap}_new" if step == 1 else f"{tap}_new_{step}"
-            n[top] = self._conv(x, channels_at[side], 7, 2, 3, param=self._specs("conv"),
-                                name=f"{tap}_conv_{step}")
+            n[top] = self._conv(x, channels, 7, 2, 3, param=self._specs("conv"), name=f"{tap}_conv_{step}")
             x = self._bn_scale_relu(n[top], f"{tap}_bn_{step}", f"{tap}_scale_{step}", f"{tap}_relu_{step}")
-            step += 1
         # "poolN" is a backbone layer in DenseNet, so the new variants name the pool after the tap
         pooled = f"pool{tag}" if self.s.backbone == "resnet50" else f"{tap}_pool"
-        n[pooled] = backbones.pool(x, "AVE", last_side)
+        n[pooled] = backbones.pool(x, "AVE", self._last_side())
         n[f"fc{tag}"] = self._inner_product(n[pooled], num_output)
         self._loss(f"loss{tag}", n[f"fc{tag}"])
         self.scores.append(n[f"fc{tag}"])
@@ -319,7 +255,7 @@ class _Heads:
             n.flat_6 = L.Flatten(n.emoti_fc6)
             self.scores.append(n.flat_6)
         else:
-            n.pool5 = backbones.pool(self.taps["res5c"], "AVE", self.shapes["res5c"][1])
+            n.pool5 = backbones.pool(self.taps["res5c"], "AVE", self._last_side())
             n.fc5 = self._inner_product(n.pool5, num_output)
             self._loss("loss", n.fc5)
             self.scores.append(n.fc5)
@@ -385,22 +321,20 @@ def _head_hooks(heads, s):
 # --------------------------------------------------------------------------------------------
 # Nets and solvers
 
-def _backbone(n, s, data, hooks=None):
+def _backbone(n, s, bottom, hooks=None):
     """Builds the backbone with the released BN settings of the mode."""
     if s.backbone == "holonet":
-        return backbones.holonet(n, data, s.input_size, s.use_global_stats, hooks)
+        return backbones.holonet(n, bottom, s.use_global_stats, hooks)
     if s.backbone == "densenet121":
-        return backbones.densenet121(n, data, s.input_size, hooks=hooks)
-    return backbones.resnet(n, data, input_size=s.input_size, use_global_stats=s.use_global_stats,
-                            hooks=hooks)
+        return backbones.densenet121(n, bottom, hooks=hooks)
+    return backbones.resnet(n, bottom, use_global_stats=s.use_global_stats, hooks=hooks)
 
 
-def _backbone_shapes(s):
-    """(channels, side) of every tap, from a dry build: a head needs sizes of maps built after it."""
-    caffe = import_caffe()
-    n = caffe.NetSpec()
-    n.data = caffe.layers.Input(shape={"dim": [1, s.channels, s.input_size, s.input_size]})
-    return _backbone(n, s, n.data).shapes
+def _tap_shapes(s):
+    """The blob shape of every tap, from a dry build: a head needs sizes of maps built after it."""
+    n = import_caffe().NetSpec()
+    n.data = data.input_layer(s.inputs)
+    return top_shapes(n, _backbone(n, s, n.data))
 
 
 def build_sse(backbone, variant, mode, options=NetOptions()):
@@ -414,31 +348,23 @@ def build_sse(backbone, variant, mode, options=NetOptions()):
     options: NetOptions, None fields taking SSE_DEFAULTS[backbone].
     """
     s = _settings(backbone, variant, mode, options)
-    caffe = import_caffe()
-    n = caffe.NetSpec()
-    test_data_layer = _add_input(n, s)
-    heads = _Heads(n, s, _backbone_shapes(s))
+    n = import_caffe().NetSpec()
+    test_data = data.add_data(n, s.inputs, mode)
+    heads = _Heads(n, s, _tap_shapes(s))
     _backbone(n, s, n.data, _head_hooks(heads, s))
     heads.outputs(*heads.fuse())
-    net = n.to_proto()
-    net.name = sse_net_name(backbone, variant)
-    if test_data_layer is not None:
-        net.layer.insert(1, test_data_layer)
-    return net
+    return data.to_proto(n, sse_net_name(backbone, variant), test_data)
 
 
 def registry_entries(entry_type, preprocessing_type):
     """The 15 SSE nets as `emotiw.nets` registry entries (its NetEntry and Preprocessing types)."""
     for backbone in BACKBONES:
         defaults = SSE_DEFAULTS[backbone]
-        preprocessing = preprocessing_type(
-            input_size=defaults["input_size"], resize=defaults["resize"], crop=False,
-            mirror=defaults["mirror"], mean_values=defaults["mean_values"],
-            mean_file=defaults["mean_file"], scale=None)
+        preprocessing = defaults.inputs.preprocessing(preprocessing_type)
         for variant in VARIANTS:
-            yield entry_type(name=sse_net_name(backbone, variant), paper="SSE",
-                             backbone=DISPLAY_NAMES[backbone], variant=variant,
-                             released=variant == defaults["released_variant"],
-                             preprocessing=preprocessing, pretrained=defaults["pretrained"],
+            name = sse_net_name(backbone, variant)
+            yield entry_type(name=name, caffe_name=name, paper="SSE", backbone=DISPLAY_NAMES[backbone],
+                             variant=variant, released=variant == defaults.released_variant,
+                             preprocessing=preprocessing, pretrained=defaults.pretrained,
                              builder=functools.partial(build_sse, backbone, variant),
-                             solver_values=defaults["solver"])
+                             solver_values=defaults.solver)

@@ -1,0 +1,653 @@
+"""`make bench`: our speed next to what a user would pick instead, as ratios from one run.
+
+Rows (bench/results.md explains each): the machine's single-precision GEMM ceiling through the
+OpenBLAS that libcaffe links; MTCNN face detection against the `mtcnn` package (TensorFlow);
+preprocessing end to end; inference per deploy net with pycaffe and OpenCV DNN against PyTorch;
+SSE-HoloNet training with `caffe train` against PyTorch; feature export and fusion search.
+Every figure is the median of `repeats` timed runs after `warmup` untimed ones, with min and max.
+The reference side runs in its own environment (bench/.venv-ref, see bench/reference.py); without
+it those rows are skipped and reported as such.
+"""
+
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from emotiw import nets
+from emotiw.caffe.env import caffe_openblas, caffe_tool, import_caffe
+from emotiw.caffe.runtime import load_net
+from emotiw.demo.scene import astronaut_head, coffee_background, paste
+from emotiw.errors import UserError
+from emotiw.face.mtcnn import FaceDetector, overlaps
+from emotiw.face.video import iter_frames, write_video
+from emotiw.formats.files import atomic_write_text
+from emotiw.stages import extract as features
+from emotiw.stages import fuse
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_SCRIPT = REPO / "bench" / "reference.py"
+REFERENCE_PYTHON = REPO / "bench" / ".venv-ref" / "bin" / "python"
+ROWS = ("gemm", "detect", "preprocess", "inference", "training", "features")
+# (net, input size, the torchvision backbone a user would take instead, or None)
+INFERENCE_NETS = (
+    ("sse_holonet_3conv-s_concat", 128, None),
+    ("sse_densenet121_3conv-s_concat", 128, "densenet121"),
+    ("sse_resnet50_4conv-c_concat", 224, "resnet50"),
+    ("dsn_vgg_face", 224, "vgg16"),
+    ("dsn_resnet50", 224, "resnet50"),
+    ("vgg_face", 224, "vgg16"),
+)
+TRAIN_NET = "sse_holonet_3conv-s_concat"
+DETECTOR = {"min_face_size": 20, "thresholds": [0.6, 0.7, 0.7], "scale_factor": 0.709}
+
+
+@dataclass
+class Plan:
+    """Sizes of one run: --quick keeps every row but makes each small."""
+    repeats: int = 5
+    warmup: int = 1
+    gemm_size: int = 2048
+    detect_frames: int = 8
+    detect_sizes: tuple = ((640, 360), (1280, 720))
+    preprocess_clips: int = 4
+    preprocess_frames: int = 10
+    batches: tuple = (1, 32)
+    nets: tuple = tuple(name for name, _, _ in INFERENCE_NETS)
+    train_batch: int = 32
+    feature_images: int = 256
+    fusion: tuple = (5, 383, 0.05)  # models, clips, step
+    rows: tuple = ROWS
+    threads: int = os.cpu_count() or 1  # for every library on both sides
+    quick: bool = False
+
+
+QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6, batches=(1,),
+             feature_images=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and results
+
+def measure(step, items, plan):
+    """Items/s of `step()` per timed repeat, after plan.warmup untimed calls."""
+    for _ in range(plan.warmup):
+        step()
+    rates = []
+    for _ in range(plan.repeats):
+        start = time.perf_counter()
+        step()
+        rates.append(items / (time.perf_counter() - start))
+    return rates
+
+
+@dataclass
+class Results:
+    rows: list = field(default_factory=list)
+    ratios: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def add(self, section, name, impl, rates, unit, **extra):
+        row = {"section": section, "name": name, "impl": impl, "unit": unit,
+               "median": statistics.median(rates), "min": min(rates), "max": max(rates),
+               "repeats": len(rates), **extra}
+        self.rows.append(row)
+        print(f"  {section:10s} {name:42s} {impl:24s} {row['median']:10.3f} {unit}", file=sys.stderr, flush=True)
+        return row
+
+    def ratio(self, section, name, ours, reference, note=""):
+        """ours / reference of the medians (> 1: ours is faster)."""
+        if ours and reference:
+            self.ratios.append({"section": section, "name": name, "ours": ours["impl"],
+                                "reference": reference["impl"], "ratio": ours["median"] / reference["median"],
+                                "note": note})
+
+
+class Reference:
+    """Runs bench/reference.py in the bench environment; None when that environment is missing."""
+
+    def __init__(self, python, work, results):
+        self.python, self.work, self.results = Path(python), Path(work), results
+        self.count = 0
+
+    @property
+    def available(self):
+        return self.python.is_file()
+
+    def run(self, task, **job):
+        if not self.available:
+            self.results.skipped.append(f"{task} {job.get('label', '')}: no bench environment at {self.python}")
+            return None
+        self.count += 1
+        job_path, result_path = self.work / f"job{self.count}.json", self.work / f"result{self.count}.json"
+        job_path.write_text(json.dumps({"task": task, **job}))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+        done = subprocess.run([str(self.python), str(REFERENCE_SCRIPT), str(job_path), str(result_path)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            self.results.skipped.append(f"{task} {job.get('label', '')}: reference failed: {reason}")
+            return None
+        return json.loads(result_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The machine: CPU, BLAS, GEMM ceiling
+
+def machine_description():
+    import cv2
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    path, blas = caffe_openblas()
+    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "load_average_at_start": list(os.getloadavg()), "blas_library": str(path),
+            "blas": blas.openblas_get_config().decode(), "blas_core": blas.openblas_get_corename().decode(),
+            "blas_threads": blas.openblas_get_num_threads(), "opencv": cv2.__version__,
+            "opencv_threads": cv2.getNumThreads(), "caffe": getattr(import_caffe(), "__version__", "1.0"),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "date": datetime.now().isoformat(timespec="seconds")}
+
+
+def use_threads(threads):
+    """Sets the thread count of OpenBLAS (in this process and, by environment, in the Caffe tools
+    and the reference side) and OpenCV; returns the machine description."""
+    import cv2
+
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "BENCH_THREADS"):
+        os.environ[name] = str(threads)
+    caffe_openblas()[1].openblas_set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return machine_description()
+
+
+def sgemm(blas, a, b, c):
+    """c = a @ b through cblas_sgemm (row-major float32)."""
+    m, k = a.shape
+    n = b.shape[1]
+    pointer = ctypes.POINTER(ctypes.c_float)
+    blas.cblas_sgemm(101, 111, 111, m, n, k, ctypes.c_float(1.0), a.ctypes.data_as(pointer), k,
+                     b.ctypes.data_as(pointer), n, ctypes.c_float(0.0), c.ctypes.data_as(pointer), n)
+
+
+def bench_gemm(plan, results):
+    """GFLOP/s of one square SGEMM through libcaffe's OpenBLAS, and of a Caffe InnerProduct
+    forward of the same size (the same sgemm behind a Caffe layer)."""
+    size = plan.gemm_size
+    _, blas = caffe_openblas()
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    c = np.empty((size, size), np.float32)
+    flops = 2 * size ** 3 / 1e9
+    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "OpenBLAS (ctypes)",
+                          measure(lambda: sgemm(blas, a, b, c), flops, plan), "GFLOP/s")
+    net = inner_product_net(size)
+    net.blobs["data"].data[...] = a
+    results.add("gemm", f"InnerProduct {size}->{size}, batch {size}", "pycaffe",
+                measure(net.forward, flops, plan), "GFLOP/s")
+    return ceiling["median"]
+
+
+def inner_product_net(size):
+    caffe = import_caffe()
+    n = caffe.NetSpec()
+    n.data = caffe.layers.Input(shape={"dim": [size, size]})
+    n.ip = caffe.layers.InnerProduct(n.data, num_output=size, bias_term=False,
+                                     weight_filler={"type": "gaussian", "std": 0.01})
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
+        handle.write(str(n.to_proto()))
+    try:
+        return caffe.Net(handle.name, caffe.TEST)
+    finally:
+        os.unlink(handle.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Face detection
+
+def face_scene_frames(width, height, count):
+    """scikit-image's coffee photograph with the astronaut's head (a third of the height)
+    moving left to right: `count` RGB frames."""
+    face_height = height // 3
+    face_width = round(astronaut_head().shape[1] * face_height / astronaut_head().shape[0])
+    frames = []
+    for x in np.linspace(width * 0.1, width * 0.9 - face_width, count).astype(int):
+        frame = coffee_background(width, height)
+        paste(frame, astronaut_head(), x, height // 4, face_height)
+        frames.append(frame)
+    return frames
+
+
+def clip_frames(path, width, height, count):
+    """The scene encoded as an H.264 clip and decoded back (the frames a pipeline really sees)."""
+    write_video(path, face_scene_frames(width, height, count))
+    return [frame.image for frame in iter_frames(path)]
+
+
+def iou(box_a, box_b):
+    if box_a is None or box_b is None:
+        return 0.0
+
+    return float(overlaps(np.array([box_a], float), np.array([box_b], float), "union")[0, 0])
+
+
+def best_box(found):
+    return found.boxes[0].tolist() if len(found) else None
+
+
+def bench_detect(plan, results, reference, work):
+    for width, height in plan.detect_sizes:
+        name = f"{width}x{height}, {plan.detect_frames} frames"
+        frames = clip_frames(work / f"detect_{width}x{height}.mp4", width, height, plan.detect_frames)
+        np.savez(work / f"frames_{width}.npz", frames=np.stack(frames))
+        ours, boxes = {}, {}
+        for backend in ("pycaffe", "opencv"):
+            detector = FaceDetector(backend=backend, **DETECTOR)
+            found = []
+            rates = measure(lambda: found.__setitem__(slice(None), [detector.detect(f) for f in frames]),
+                            len(frames), plan)
+            boxes[backend] = [best_box(f) for f in found]
+            ours[backend] = results.add("detect", name, f"ours MTCNN, {backend}", rates, "frames/s",
+                                        faces=[len(f) for f in found])
+            batched = measure(lambda: detector.detect_batch(frames), len(frames), plan)
+            ours[f"{backend} batch"] = results.add("detect", name, f"ours MTCNN, {backend}, 1 batch", batched,
+                                                   "frames/s")
+        ref = reference.run("detect", label=name, frames=str(work / f"frames_{width}.npz"),
+                            repeats=plan.repeats, warmup=plan.warmup, **DETECTOR)
+        agreement = {"pycaffe_vs_opencv": [iou(a, b) for a, b in zip(boxes["pycaffe"], boxes["opencv"])]}
+        if ref:
+            agreement["ours_vs_mtcnn"] = [iou(a, b) for a, b in zip(boxes["opencv"], ref["boxes"])]
+            ref_row = results.add("detect", name, "mtcnn 1.0.0 (TensorFlow)", ref["rates"], "frames/s",
+                                  iou_with_ours=agreement["ours_vs_mtcnn"])
+            for key, row in ours.items():
+                results.ratio("detect", name, row, ref_row,
+                              f"box IoU with mtcnn: min {min(agreement['ours_vs_mtcnn']):.3f}")
+        ours["opencv"]["iou"] = agreement
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Preprocessing end to end
+
+def bench_preprocess(plan, results, work):
+    """`emotiw preprocess --mode sse` as a user runs it (a fresh process, fresh output folder):
+    decode, detect, track, align, write PNGs, lists."""
+    videos = work / "videos" / "Happy"
+    videos.mkdir(parents=True)
+    for index in range(plan.preprocess_clips):
+        frames = face_scene_frames(640, 360, plan.preprocess_frames + index)
+        write_video(videos / f"clip{index}.mp4", frames)
+    total = sum(plan.preprocess_frames + index for index in range(plan.preprocess_clips))
+    for workers in (1, 2):
+        outs = iter(range(10 ** 6))
+
+        def run_once():
+            out = work / f"preprocessed_{workers}_{next(outs)}"
+            command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(videos.parent),
+                       "--out", str(out), "--mode", "sse", "--workers", str(workers)]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results.add("preprocess", f"{plan.preprocess_clips} clips 640x360, {total} frames", f"{workers} worker(s)",
+                    measure(run_once, total, plan), "frames/s")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Inference
+
+def forward_flops(net_param, shapes):
+    """Multiply-adds x 2 of the Convolution, Deconvolution and InnerProduct layers for one image."""
+    macs = 0
+    for layer in net_param.layer:
+        params = shapes.params.get(layer.name) or []
+        if not params:
+            continue
+        if layer.type in ("Convolution", "InnerProduct"):
+            output = shapes.blobs[layer.top[0]]
+            macs += math.prod(output[1:]) * math.prod(params[0][1:])
+        elif layer.type == "Deconvolution":
+            bottom = shapes.blobs[layer.bottom[0]]
+            macs += math.prod(bottom[1:]) * math.prod(params[0][1:])
+    return 2 * macs
+
+
+def write_deploy(name, work):
+    """The registry's deploy net, its JSON for the reference side, and seeded filler weights in a
+    caffemodel (BatchNorm statistics set to mean 0, variance 1, as trained nets have)."""
+    from google.protobuf import json_format, text_format
+
+
+    caffe = import_caffe()
+    net_param = nets.build(name, "deploy")
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    deploy, weights = folder / "deploy.prototxt", folder / "weights.caffemodel"
+    deploy.write_text(text_format.MessageToString(net_param))
+    (folder / "deploy.json").write_text(json.dumps(json_format.MessageToDict(net_param, preserving_proto_field_name=True)))
+    caffe.set_random_seed(0)
+    net = caffe.Net(str(deploy), caffe.TEST)
+    for layer_name, layer in zip(net._layer_names, net.layers):
+        if layer.type == "BatchNorm":
+            for blob, value in zip(layer.blobs, (0.0, 1.0, 1.0)):
+                blob.data[...] = value
+    net.save(str(weights))
+    return net_param, deploy, weights
+
+
+def runtime_forward(backend, deploy, weights, batch, size):
+    """One forward of the net through emotiw's inference runtime, as `emotiw test` runs it."""
+    net, _ = load_net(deploy, weights, backend)
+    images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    return lambda: net.forward(images, ["prob"])
+
+
+def bench_inference(plan, results, reference, work, ceiling):
+    for name, size, backbone in INFERENCE_NETS:
+        if name not in plan.nets:
+            continue
+        net_param, deploy, weights = write_deploy(name, work)
+        flops = forward_flops(net_param, nets.shapes(name))
+        for batch in plan.batches:
+            label = f"{name} {size}px, batch {batch}"
+            extra = {"gflop_per_image": flops / 1e9}
+            rows = {}
+            for impl, backend in (("pycaffe", "pycaffe"), ("OpenCV DNN", "opencv")):
+                rates = measure(runtime_forward(backend, deploy, weights, batch, size), batch, plan)
+                fraction = statistics.median(rates) * flops / 1e9 / ceiling if ceiling else None
+                rows[impl] = results.add("inference", label, impl, rates, "images/s", **extra,
+                                         fraction_of_gemm_ceiling=fraction)
+            references = [("PyTorch, same net", {"net": str(deploy.with_suffix(".json"))})]
+            if backbone:
+                references.append((f"PyTorch torchvision {backbone}", {"torchvision": backbone, "classes": 7}))
+            for impl, job in references:
+                ref = reference.run("infer", label=label, batch=batch, size=size, repeats=plan.repeats,
+                                    warmup=plan.warmup, **job)
+                if ref:
+                    ref_row = results.add("inference", label, impl, ref["rates"], "images/s")
+                    results.ratio("inference", label, max(rows.values(), key=lambda r: r["median"]), ref_row)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Training
+
+def dummy_train_net(name, batch, size):
+    """The net's TRAIN phase with its Data layer replaced by DummyData (random images, labels 0..6
+    drawn once), so both sides train on the same shapes without a dataset."""
+
+    caffe_pb2 = import_caffe().proto.caffe_pb2
+    source = nets.build(name, "train_val")
+    net = caffe_pb2.NetParameter(name=source.name)
+    for layer in source.layer:
+        if any(rule.phase == caffe_pb2.TEST for rule in layer.include) or layer.type == "Accuracy":
+            continue
+        if layer.type in ("Data", "ImageData"):
+            dummy = net.layer.add(name=layer.name, type="DummyData", top=list(layer.top))
+            dummy.dummy_data_param.shape.add(dim=[batch, 3, size, size])
+            dummy.dummy_data_param.shape.add(dim=[batch])
+            dummy.dummy_data_param.data_filler.add(type="gaussian", std=50)
+            dummy.dummy_data_param.data_filler.add(type="constant", value=3)
+            continue
+        copy = net.layer.add()
+        copy.CopyFrom(layer)
+        del copy.include[:]
+    return net
+
+
+SOLVER = {"base_lr": 0.001, "momentum": 0.9, "weight_decay": 0.0002}
+# "I20261123 02:05:44.973817 ... Iteration 1 (1.2 iter/s, 0.84s/1 iters), loss = 9.9": the line after
+# each training step (the final "Iteration N, loss" follows a forward pass only, so it is not matched)
+ITERATION_LINE = re.compile(r"^I\d+ (\d\d):(\d\d):(\d\d\.\d+) .*Iteration (\d+) \(.*\), loss = ")
+
+
+def caffe_train_rates(solver_path, batch, plan):
+    """images/s of each `caffe train` iteration, from glog's timestamps of the per-iteration
+    display lines (display: 1), the first `warmup` iterations left out."""
+
+    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
+    done = subprocess.run([caffe_tool("caffe"), "train", "--solver", str(solver_path)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise UserError(f"caffe train failed in the bench: {done.stderr.strip().splitlines()[-1:]}")
+    stamps = [int(h) * 3600 + int(m) * 60 + float(s) for line in done.stderr.splitlines()
+              for h, m, s, _ in ITERATION_LINE.findall(line)]
+    steps = np.diff(stamps) % 86400  # a run across midnight
+    return [batch / step for step in steps[plan.warmup:]]
+
+
+def bench_training(plan, results, reference, work):
+    from google.protobuf import json_format, text_format
+
+
+    size, batch = nets.get(TRAIN_NET).preprocessing.input_size, plan.train_batch
+    folder = work / "train"
+    folder.mkdir()
+    net = dummy_train_net(TRAIN_NET, batch, size)
+    (folder / "train.prototxt").write_text(text_format.MessageToString(net))
+    (folder / "train.json").write_text(json.dumps(json_format.MessageToDict(net, preserving_proto_field_name=True)))
+    solver = folder / "solver.prototxt"
+    solver.write_text("".join(f"{key}: {value}\n" for key, value in SOLVER.items()) +
+                      f'net: "{folder / "train.prototxt"}"\nlr_policy: "fixed"\ndisplay: 1\n'
+                      f"max_iter: {plan.warmup + plan.repeats + 1}\nsnapshot_after_train: false\n"
+                      "solver_mode: CPU\nrandom_seed: 0\n")
+    label = f"{TRAIN_NET} {size}px, batch {batch}"
+    ours = results.add("training", label, "caffe train", caffe_train_rates(solver, batch, plan), "images/s")
+    ref = reference.run("train", label=label, net=str(folder / "train.json"), batch=batch, size=size,
+                        solver=SOLVER, repeats=plan.repeats, warmup=plan.warmup)
+    if ref:
+        results.ratio("training", label, ours, results.add("training", label, "PyTorch, same net and losses",
+                                                           ref["rates"], "images/s"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Feature export and fusion
+
+def feature_setup(plan, work):
+    """HoloNet's test net reading a list of face crops (mean values instead of the absent mean
+    file), seeded weights and the list."""
+    import cv2
+    from google.protobuf import text_format
+
+
+    _, _, weights = write_deploy(TRAIN_NET, work)
+    folder = work / TRAIN_NET
+    test = nets.build(TRAIN_NET, "test")
+    for layer in test.layer:
+        if layer.type == "ImageData":
+            layer.transform_param.ClearField("mean_file")
+            layer.transform_param.mean_value.extend([104.0, 117.0, 123.0])
+    test_file = folder / "test.prototxt"
+    test_file.write_text(text_format.MessageToString(test))
+    faces = work / "faces"
+    faces.mkdir()
+    frames = face_scene_frames(640, 360, plan.feature_images)
+    lines = []
+    for index, frame in enumerate(frames):
+        path = faces / f"{index:05d}.png"
+        cv2.imwrite(str(path), cv2.resize(frame[90:210, 60 + index % 200:180 + index % 200], (128, 128)))
+        lines.append(f"{path} {index % 7}\n")
+    frame_list = work / "frames.txt"
+    frame_list.write_text("".join(lines))
+    return test_file, weights, frame_list
+
+
+def bench_features(plan, results, work):
+    test_file, weights, frame_list = feature_setup(plan, work)
+    runs = iter(range(10 ** 6))
+    out = {}
+
+    def extract_once():
+        out["dir"] = work / f"extract_{next(runs)}"
+        features.extract(str(test_file), str(weights), out["dir"], blob="prob", frame_list=frame_list, batch=64)
+    label = f"{TRAIN_NET}, {plan.feature_images} images, blob prob"
+    results.add("features", label, "extract_features + leveldb2mat", measure(extract_once, plan.feature_images, plan),
+                "images/s")
+    store, batches = out["dir"] / "prob_leveldb", math.ceil(plan.feature_images / 64)
+    results.add("features", label, "leveldb2mat alone", measure(
+        lambda: features.leveldb2mat(store, batches, 64, None, work / "alone.mat", num_images=plan.feature_images),
+        plan.feature_images, plan), "images/s")
+    models, clips, step = plan.fusion
+    rng = np.random.default_rng(0)
+    stack = rng.dirichlet(np.ones(7), size=(models, clips))
+    labels = rng.integers(0, 7, clips)
+    searches = measure(lambda: fuse.search_weights(stack, labels, step), 1, plan)
+    results.add("features", f"fusion weight search, {models} models x {clips} clips, step {step}",
+                "emotiw.stages.fuse.search_weights", [1 / rate for rate in searches], "s (lower is better)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def fmt(value):
+    return "-" if value is None else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def markdown(report):
+    machine = report["machine"]
+    lines = ["# emotiw bench results", "",
+             f"Written by `emotiw bench{' --quick' if report['quick'] else ''}` on {machine['date']} "
+             f"in {report['elapsed_s']:.0f} s. Every figure: median of {report['plan']['repeats']} timed runs "
+             f"after {report['plan']['warmup']} warm-up run(s), with min and max. Ratios: ours / reference "
+             "medians from this run (> 1: ours is faster).", "",
+             "## Machine", "",
+             f"- CPU: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable)",
+             f"- BLAS (libcaffe's): {machine['blas_library']}: {machine['blas']} core {machine['blas_core']}, "
+             f"{machine['blas_threads']} threads; OpenCV {machine['opencv']} with {machine['opencv_threads']} threads",
+             f"- load average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}"
+             + (" - **taken under load**: other jobs shared the cores" if report["under_load"] else ""),
+             f"- reference environment: {json.dumps(report.get('reference_env') or 'absent')}", ""]
+    if report["ratios"]:
+        lines += ["## Headline ratios (ours / reference)", "", "| row | case | ours | reference | ratio | note |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['section']} | {r['name']} | {r['ours']} | {r['reference']} | **{r['ratio']:.2f}** | {r['note']} |"
+                  for r in report["ratios"]]
+        lines.append("")
+    lines += ["## All rows", "", "| row | case | implementation | median | min | max | unit | notes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        notes = []
+        if row.get("gflop_per_image") is not None:
+            notes.append(f"{row['gflop_per_image']:.2f} GFLOP/image")
+        if row.get("fraction_of_gemm_ceiling") is not None:
+            notes.append(f"{100 * row['fraction_of_gemm_ceiling']:.0f}% of GEMM ceiling")
+        if row.get("iou_with_ours"):
+            notes.append(f"box IoU with ours: mean {np.mean(row['iou_with_ours']):.3f}, min {min(row['iou_with_ours']):.3f}")
+        lines.append(f"| {row['section']} | {row['name']} | {row['impl']} | {fmt(row['median'])} | {fmt(row['min'])} "
+                     f"| {fmt(row['max'])} | {row['unit']} | {'; '.join(notes)} |")
+    if report["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- {reason}" for reason in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
+    started = time.monotonic()
+    results = Results()
+    with tempfile.TemporaryDirectory(prefix="emotiw-bench-") as tmp:
+        work = Path(tmp)
+        reference = Reference(reference_python, work, results)
+        machine = use_threads(plan.threads)
+        print(f"emotiw bench: {machine['cpu']}, {machine['cores']} cores; reference environment "
+              f"{'found' if reference.available else 'absent'}", file=sys.stderr)
+        reference_env = reference.run("describe") if reference.available else None
+        ceiling = bench_gemm(plan, results) if "gemm" in plan.rows else None
+        if "detect" in plan.rows:
+            bench_detect(plan, results, reference, work)
+        if "preprocess" in plan.rows:
+            bench_preprocess(plan, results, work)
+        if "inference" in plan.rows:
+            bench_inference(plan, results, reference, work, ceiling)
+        if "training" in plan.rows:
+            bench_training(plan, results, reference, work)
+        if "features" in plan.rows:
+            bench_features(plan, results, work)
+    machine["load_average_at_end"] = list(os.getloadavg())
+    busiest = max(machine["load_average_at_start"][0], machine["load_average_at_end"][0])
+    report = {"machine": machine, "quick": plan.quick, "plan": plan.__dict__, "gemm_ceiling_gflops": ceiling,
+              "reference_env": reference_env, "elapsed_s": time.monotonic() - started,
+              "under_load": busiest > machine["usable_cores"] * 0.75 + 1, "rows": results.rows,
+              "ratios": results.ratios, "skipped": results.skipped}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1, default=list) + "\n")
+    atomic_write_text(out / "results.md", markdown(report))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def register(subparsers):
+    parser = subparsers.add_parser("bench", help="measure our speed against the reference implementations",
+                                   description="Benchmarks every stage against PyTorch / the mtcnn package "
+                                               "(bench/.venv-ref) and writes results.md and results.json.")
+    parser.add_argument("--quick", action="store_true", help="small sizes: batch 1 only, fewer frames and images")
+    parser.add_argument("--out", default=str(REPO / "bench"), help="folder for results.md/json (default: bench/)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--nets", help="comma-separated inference nets (default: all six)")
+    parser.add_argument("--batches", help="comma-separated inference batch sizes (default 1,32; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (at least 5)")
+    parser.add_argument("--reference-python", default=str(REFERENCE_PYTHON),
+                        help="Python of the bench environment (default: bench/.venv-ref/bin/python)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads for BLAS, OpenCV, PyTorch and TensorFlow (default: all cores)")
+    parser.set_defaults(func=run)
+
+
+def plan_from(args):
+    plan = Plan(**QUICK) if args.quick else Plan()
+    rows = tuple(row.strip() for row in args.rows.split(",") if row.strip())
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise UserError(f"unknown --rows {', '.join(unknown)}; choose from {','.join(ROWS)}")
+    plan.rows = rows
+    if args.nets:
+        plan.nets = tuple(args.nets.split(","))
+        known = {name for name, _, _ in INFERENCE_NETS}
+        if not set(plan.nets) <= known:
+            raise UserError(f"--nets: unknown {', '.join(sorted(set(plan.nets) - known))}; choose from {', '.join(sorted(known))}")
+    if args.batches:
+        try:
+            plan.batches = tuple(int(b) for b in args.batches.split(","))
+        except ValueError:
+            raise UserError(f"--batches {args.batches}: give whole numbers like 1,32") from None
+    if args.repeats < 5:
+        raise UserError(f"--repeats {args.repeats}: every figure needs at least 5 repeats")
+    plan.repeats = args.repeats
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    plan.threads = args.threads
+    return plan
+
+
+def run(args):
+    report = run_bench(plan_from(args), args.out, args.reference_python)
+    print(f"emotiw bench: wrote {Path(args.out) / 'results.md'} ({len(report['rows'])} rows, "
+          f"{len(report['skipped'])} skipped) in {report['elapsed_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    """`make bench ARGS=...`: python -m bench.bench [--quick] [--rows ...] ..."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="make bench ARGS=", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command")
+    register(subparsers)
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"emotiw bench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""One inference runtime for every deploy net (MTCNN's, the registered nets, user prototxts).
+
+Two backends run the same prototxt and caffemodel: `pycaffe` (Caffe itself: im2col + OpenBLAS GEMM)
+and `opencv` (OpenCV's DNN module, which imports Caffe files and has its own convolution kernels).
+Both give the same outputs (tests/test_opencv_registry.py). `auto` picks the faster one for a net,
+as `make bench` measured it on the CPU (bench/NOTES.md).
+"""
+
+import numpy as np
+
+from emotiw.caffe.env import import_caffe
+from emotiw.caffe.proto import deploy_input, read_net_param
+from emotiw.errors import UserError
+
+BACKENDS = ("auto", "pycaffe", "opencv")
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return backend
+
+
+class PycaffeNet:
+    def __init__(self, deploy, weights):
+        caffe = import_caffe()
+        caffe.set_mode_cpu()
+        self.net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
+        self.input = self.net.inputs[0]
+        self.input_shape = tuple(self.net.blobs[self.input].data.shape[1:])
+        self.blob_names = list(self.net.blobs)
+
+    def forward(self, batch, blobs):
+        """{blob: array} for a float32 (N, C, H, W) batch; blobs keep their shapes."""
+        data = self.net.blobs[self.input]
+        data.reshape(*batch.shape)
+        self.net.reshape()
+        data.data[...] = batch
+        self.net.forward()
+        return {name: self.net.blobs[name].data.copy() for name in blobs}  # Caffe reuses its blobs
+
+
+class OpenCVNet:
+    """cv2.dnn, which asks for layer outputs: a blob is read from the last layer that writes it."""
+
+    def __init__(self, deploy, weights):
+        import cv2
+
+
+        param = read_net_param(deploy)
+        self.input, self.input_shape = deploy_input(param)
+        self.producers = {top: layer.name for layer in param.layer for top in layer.top}
+        self.blob_names = list(self.producers)
+        try:
+            self.net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
+        except cv2.error as error:
+            reason = str(error).strip().splitlines()[-1]
+            raise UserError(f"OpenCV DNN cannot load {deploy}: {reason}; use --backend pycaffe") from None
+        self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+
+    def forward(self, batch, blobs):
+        self.net.setInput(np.ascontiguousarray(batch, dtype=np.float32))
+        outputs = self.net.forward([self.producers[name] for name in blobs])
+        return {name: np.asarray(out).copy() for name, out in zip(blobs, outputs)}
+
+
+RUNNERS = {"pycaffe": PycaffeNet, "opencv": OpenCVNet}
+
+
+def load_net(deploy, weights, backend="auto", preferred="pycaffe"):
+    """(net, backend name) for a deploy prototxt and its weights. `auto` takes `preferred`, the
+    faster backend for this net, and falls back to pycaffe when OpenCV cannot load the net."""
+    check_backend(backend)
+    if backend == "auto":
+        if preferred == "opencv":
+            try:
+                return OpenCVNet(deploy, weights), "opencv"
+            except UserError:
+                pass
+        backend = "pycaffe"
+    return RUNNERS[backend](deploy, weights), backend

@@ -1,0 +1,51 @@
+"""The `emotiw` command: one subcommand per pipeline stage, each a thin layer over the API.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets `func` to a
+function taking the parsed arguments and returning an exit code. The modules import the stages,
+which import caffe and cv2 only when they run, so that `emotiw --help` is quick.
+"""
+
+import argparse
+import importlib
+import sys
+
+from emotiw import __version__
+from emotiw.errors import UserError
+
+COMMAND_MODULES = [
+    "emotiw.cli.doctor",
+    "emotiw.cli.train",
+    "emotiw.cli.fuse",
+    "emotiw.cli.preprocess",
+    "emotiw.cli.detect",
+    "emotiw.cli.nets",
+    "emotiw.cli.weights",
+    "emotiw.cli.test",
+    "emotiw.cli.extract",
+    "emotiw.cli.demo",
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="emotiw", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"emotiw {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as error:
+        print(f"emotiw {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"emotiw {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

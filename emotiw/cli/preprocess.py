@@ -1,0 +1,41 @@
+"""`emotiw preprocess`: video clips or face images -> aligned face crops, manifest, lists (emotiw.stages.preprocess)."""
+
+from emotiw.formats.lists import LABEL_MAPS
+from emotiw.stages.preprocess import preprocess
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "preprocess", help="video clips or face images -> aligned face crops, manifest, Caffe lists, LMDB",
+        description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--videos", metavar="DIR", help="AFEW-style DIR/<Emotion>/<clip>, or a flat folder (with --labels)")
+    source.add_argument("--images", metavar="DIR", help="a folder of still face images (e.g. RAF-DB), with --labels")
+    parser.add_argument("--out", metavar="DIR", required=True, help="output folder; a run into it again resumes")
+    parser.add_argument("--labels", metavar="FILE", help="`clip,label` CSV or RAF-DB list_patition_label.txt")
+    parser.add_argument("--label-map", choices=LABEL_MAPS, default="afew",
+                        help="how label numbers read: afew 0..6 (default), rafdb 1..7 in RAF-DB order, none: as is")
+    parser.add_argument("--aligned", action="store_true", help="--images are aligned face crops: resize only")
+    parser.add_argument("--mode", choices=("dsn", "sse"), default="dsn",
+                        help="dsn: facenet crop, margin 100, 400x400 (default); sse: 5-point similarity warp, 128x128")
+    parser.add_argument("--size", type=int, help="output size in pixels (default: the mode's)")
+    parser.add_argument("--gray", action="store_true", help="single-channel crops (and LMDB)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="keep N frames per second")
+    sampling.add_argument("--every", type=int, metavar="K", help="keep every K-th frame")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="keep at most the first N kept frames of a clip")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="clips processed in parallel (processes)")
+    parser.add_argument("--lmdb", action="store_true", help="also an LMDB per split (convert_imageset) and its mean")
+    parser.add_argument("--split", metavar="NAME",
+                        help="split name (default: RAF-DB file prefix with --label-map rafdb, else the input folder's name)")
+    parser.add_argument("--dsn-frames", action="store_true",
+                        help="only write every frame 1024 wide as PNG, as DSN's extract_frames.py did")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    preprocess(args.out, videos=args.videos, images=args.images, labels=args.labels, label_map=args.label_map,
+               aligned=args.aligned, mode=args.mode, size=args.size, gray=args.gray, fps=args.fps,
+               every=args.every, max_frames=args.max_frames, workers=args.workers, lmdb=args.lmdb,
+               split=args.split, dsn_frames=args.dsn_frames)
+    return 0

@@ -1,0 +1,44 @@
+"""`emotiw test`: per-video testing of a deploy net on every face frame (emotiw.stages.test.test)."""
+
+from pathlib import Path
+
+from emotiw.caffe.runtime import BACKENDS
+from emotiw.caffe.transform import PREPROCESSING_KINDS
+from emotiw.stages.test import AGGREGATIONS, summary_line, test
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "test", help="per-video testing of a deploy net on every face frame",
+        description="Runs every face frame of every clip of a video list (`<clip frame folder> <label>` "
+                    "per line) through a deploy net, aggregates the frame scores per clip and writes "
+                    "scores.txt, predictions.csv, frames.csv, metrics.json and confusion.png.")
+    parser.add_argument("--net", required=True, help="registered net name (prototxt/NAME/deploy.prototxt) "
+                                                     "or a deploy.prototxt path")
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE.caffemodel")
+    parser.add_argument("--videos", required=True, type=Path, metavar="LIST", help="video list")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="pycaffe, opencv (OpenCV DNN) or auto (default): the one `make bench` "
+                             "measured faster for the net: pycaffe for the ResNet nets and nets outside the "
+                             "registry, OpenCV for the others")
+    parser.add_argument("--batch", type=int, default=16, help="frames per forward pass (default 16)")
+    parser.add_argument("--agg", choices=AGGREGATIONS, default="mean",
+                        help="per-clip aggregation of frame scores (DSN used sum; default mean)")
+    parser.add_argument("--blobs", default="prob",
+                        help="comma-separated blobs; the first gives scores.txt (default prob), the others "
+                             "scores_<blob>.txt")
+    parser.add_argument("--preprocess", choices=PREPROCESSING_KINDS,
+                        help="default: the net's paper (sse_* nets: sse, others: dsn)")
+    parser.add_argument("--mean-file", type=Path, help="mean.binaryproto for SSE preprocessing")
+    parser.add_argument("--prior-list", type=Path, metavar="TRAINLIST",
+                        help="training list whose class prior scores clips without a face (default uniform)")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    result = test(args.net, args.weights, args.videos, args.out, backend=args.backend, batch=args.batch,
+                  agg=args.agg, blobs=[b for b in args.blobs.split(",") if b], preprocess=args.preprocess,
+                  mean_file=args.mean_file, prior_list=args.prior_list)
+    print(f"{summary_line(result.metrics)}; outputs in {args.out}")
+    return 0

@@ -1,0 +1,66 @@
+"""Atomic writes: every output appears complete or not at all."""
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would leave outputs unreadable to others
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """Like open(), but the file only appears at `path` once it is completely written."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+
+
+def atomic_write_text(path, text):
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def replace_dir(finished, target):
+    """Puts the finished folder at `target`, replacing an older one only once the new one is complete."""
+    finished, target = Path(finished), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(finished, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def file_identity(path):
+    """What says a file is unchanged between runs: its resolved path, size and modification time."""
+    stat = Path(path).stat()
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def safe_name(name):
+    """A blob or layer name as a file-name part: anything but letters, digits, `_.-` becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)

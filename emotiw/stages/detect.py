@@ -1,0 +1,60 @@
+"""The `detect` stage: MTCNN faces and landmarks of image files, optionally drawn (emotiw.face.mtcnn)."""
+
+from pathlib import Path
+
+import numpy as np
+
+from emotiw.errors import UserError
+from emotiw.face.mtcnn import FACENET, Detections, FaceDetector
+from emotiw.formats.files import atomic_open
+
+
+def read_rgb(path):
+    """An image file as HxWx3 uint8 RGB."""
+    import cv2
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:  # cv2.imread would only print a warning and return None
+        raise UserError(f"cannot read image {path}: {error.strerror or error}")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError(f"cannot read image {path}: not an image file OpenCV can decode")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def draw(image, detections, path):
+    """Boxes in green, landmarks in red; written atomically (format from the file extension)."""
+    import cv2
+    canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    for box, points in zip(detections.boxes, detections.landmarks):
+        x1, y1, x2, y2 = np.round(box).astype(int)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), 2)
+        for x, y in np.round(points).astype(int):
+            cv2.circle(canvas, (x, y), 2, (0, 0, 255), -1)
+    ok, encoded = cv2.imencode(Path(path).suffix, canvas)
+    if not ok:
+        raise UserError(f"cannot encode {path}")
+    with atomic_open(path, "wb") as handle:
+        handle.write(encoded.tobytes())
+
+
+def detect(images, min_face_size=FACENET["min_face_size"], thresholds=FACENET["thresholds"],
+           scale_factor=FACENET["scale_factor"], backend="auto", draw_to=None) -> list[Detections]:
+    """MTCNN on image files (paths) or RGB arrays; one Detections per image, best face first.
+
+    Defaults are facenet's, which DSN used. backend: auto, pycaffe or opencv. draw_to: a .png/.jpg
+    path to draw the boxes and landmarks of a single image into.
+    """
+    import cv2
+
+    images = list(images)
+    if draw_to is not None:
+        if len(images) != 1:
+            raise UserError("--draw takes a single IMAGE")
+        if not cv2.haveImageWriter(str(draw_to)):
+            raise UserError(f"cannot write {draw_to}: unknown image format; use .png or .jpg")
+    pixels = [image if isinstance(image, np.ndarray) else read_rgb(image) for image in images]
+    results = FaceDetector(min_face_size, thresholds, scale_factor, backend).detect_batch(pixels)
+    if draw_to is not None:
+        draw(pixels[0], results[0], draw_to)
+    return results

@@ -1,0 +1,221 @@
+"""Feature export as SSE's test scripts do it: Caffe's `extract_features` into LevelDB/LMDB, then .mat.
+
+`emotiw extract` points the test net's ImageData layer at a frame list, runs Caffe's own
+`extract_features` for exactly ceil(N / batch) mini-batches (N = list length) and converts the
+store with leveldb2mat. ImageData wraps around at the end of its list, so the last mini-batch
+repeats the first images; --num-images drops those rows.
+
+`emotiw leveldb2mat DIR BATCH_NUM BATCH_SIZE DIM OUT.mat` keeps the released leveldb2mat.py's
+arguments and result: MATLAB variable `feats`, one row per image in key order, one column per
+feature value. Keys are extract_features' running image indices; every key must decode, every
+Datum must hold DIM values and the indices must be 0..BATCH_NUM*BATCH_SIZE-1. Datum is decoded
+without pycaffe (emotiw.formats.db).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emotiw.caffe.proto import data_layers_in_test, read_net_param
+from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
+from emotiw.caffe.weights import check_weights
+from emotiw.errors import UserError
+from emotiw.formats.db import read_features
+from emotiw.formats.files import atomic_write_text, file_identity, replace_dir, safe_name
+from emotiw.formats.lists import list_frames, read_list, read_paths, resolve_listed_path, write_list
+from emotiw.formats.mat import save_mat
+from emotiw.nets.reference import resolve_net
+from emotiw.stages.test import read_clips
+
+EXTRACTED = re.compile(r"Extracted features of (\d+) query images")
+
+
+# ------------------------------------------------------------------------------------------
+# Per-video features
+
+def frame_owners(folders, num_rows, frames=None, video_list=""):
+    """Video index of every feature row (-1: no video). With the extracted frame list, by each
+    frame's folder; without it, rows follow the clip folders' sorted images, clip after clip."""
+    if frames is None:
+        counts = [len(list_frames(folder)) if folder.is_dir() else 0 for folder in folders]
+        if sum(counts) != num_rows:
+            raise UserError(f"the clip folders of {video_list} hold {sum(counts)} frames but there are "
+                            f"{num_rows} feature rows; pass --num-images, or --frames with the extracted list")
+        return np.repeat(np.arange(len(folders)), counts)
+    if len(frames) != num_rows:
+        raise UserError(f"the frame list has {len(frames)} frames but there are {num_rows} feature rows; "
+                        "pass --num-images with the frame list's length")
+    index = {os.path.realpath(folder): number for number, folder in enumerate(folders)}
+    return np.array([index.get(os.path.realpath(Path(frame).parent), -1) for frame in frames], dtype=np.int64)
+
+
+def video_features(feats, video_list, frames=None):
+    """MATLAB variables video_feats (mean row per clip), video_names, video_labels, video_n_frames."""
+    entries, labels = read_list(video_list)
+    folders = [resolve_listed_path(entry, video_list) for entry in entries]
+    owner = frame_owners(folders, len(feats), frames, video_list)
+    assigned = owner >= 0
+    sums = np.zeros((len(entries), feats.shape[1]))
+    np.add.at(sums, owner[assigned], feats[assigned])
+    counts = np.bincount(owner[assigned], minlength=len(entries))
+    if not assigned.all():
+        print(f"warning: {int((~assigned).sum())} frame(s) belong to no clip of {video_list}", file=sys.stderr)
+    if (counts == 0).any():
+        print(f"warning: {int((counts == 0).sum())} clip(s) without frames get a zero row, e.g. "
+              f"{entries[int(np.argmin(counts))]} (video_n_frames is 0 for them)", file=sys.stderr)
+    variables = {"video_feats": sums / np.maximum(counts, 1)[:, None], "video_names": np.array(entries),
+                 "video_n_frames": counts.reshape(-1, 1).astype(np.float64)}
+    if labels is not None:
+        variables["video_labels"] = labels.reshape(-1, 1).astype(np.float64)
+    return variables
+
+
+def leveldb2mat(store, batch_num, batch_size, dim, out, num_images=None, videos=None, frames=None,
+                use_lmdb=False, v73=False):
+    """The released leveldb2mat: `feats` of the store into OUT.mat, plus per-video means with `videos`
+    (a video list); `frames`: the extracted frame paths, or the frame list, mapping rows to clips."""
+    for flag, value in (("batch_num", batch_num), ("batch_size", batch_size), ("dim", dim)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag.upper()} must be at least 1, not {value}")
+    if frames is not None and videos is None:
+        raise UserError("--frames maps rows to clips and needs --videos")
+    if isinstance(frames, (str, Path)):
+        frames = read_paths(frames)[0]
+    feats = read_features(store, batch_num, batch_size, dim, use_lmdb, num_images)
+    variables = {"feats": feats}
+    if videos is not None:
+        variables.update(video_features(feats, videos, frames))
+    save_mat(out, variables, v73)
+    return variables
+
+
+# ------------------------------------------------------------------------------------------
+# Running extract_features
+
+DATABASES = ("leveldb", "lmdb")
+
+
+def image_data_layer(net, path):
+    layers = [layer for layer in data_layers_in_test(net) if layer.type == "ImageData"]
+    if len(layers) != 1:
+        raise UserError(f"{path}: extract needs a test net with exactly one TEST-phase ImageData layer "
+                        f"(found {len(layers)})")
+    return layers[0]
+
+
+def frames_to_extract(layer, test_file, frame_list=None, video_list=None):
+    """(frame paths, labels): the given frame list, the clips' sorted frames, or the net's own source."""
+
+    if frame_list is not None:
+        return read_paths(frame_list)
+    if video_list is not None:
+        clips = read_clips(video_list)
+        return ([frame for clip in clips for frame in clip.frames],
+                [clip.label for clip in clips for _ in clip.frames])
+    source = Path(layer.image_data_param.root_folder + layer.image_data_param.source)
+    if not source.is_file():
+        raise UserError(f"{test_file} reads {source}, which does not exist; give the frames with --list")
+    return read_paths(source)
+
+
+def write_extract_net(net, layer, list_file, batch, path):
+    """The test net reading `list_file` in order, `batch` images per mini-batch."""
+    from google.protobuf import text_format
+
+    param = layer.image_data_param
+    param.source, param.root_folder, param.batch_size = str(list_file), "", batch
+    param.shuffle, param.rand_skip = False, 0
+    atomic_write_text(path, text_format.MessageToString(net))
+
+
+def run_extract_features(weights, net_file, blob, store, num_batches, db, log_path, total):
+    """Caffe's extract_features into a fresh `store`, built beside it and renamed when complete."""
+    from tqdm import tqdm
+
+    partial = store.with_name(f".{store.name}.partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # an interrupted run's leftovers: extract_features refuses an existing store
+    command = tool_command("extract_features", weights, net_file, blob, partial, num_batches, db, "CPU")
+    with tqdm(total=total, unit="image", desc="extract_features", disable=None) as bar:
+        def progress(line, _process):
+            if match := EXTRACTED.search(line):
+                bar.update(int(match.group(1)) - bar.n)
+
+        status, logged = run_logged(command, log_path, progress)
+    if status != 0:
+        raise UserError(f"extract_features failed (exit {status}): {first_fatal_line(logged)}; "
+                        f"full log in {log_path}")
+    replace_dir(partial, store)
+
+
+@dataclass
+class ExtractResult:
+    """What `extract` wrote: the store, the .mat and the variables in it."""
+    store: Path
+    mat: Path
+    variables: dict
+
+
+def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db="leveldb", batch=None,
+            v73=False) -> ExtractResult:
+    """Features of every listed frame with Caffe's extract_features, into a LevelDB/LMDB and a .mat.
+
+    net: a registered name or a test.prototxt with one TEST-phase ImageData layer; weights: its
+    .caffemodel; out: the output folder (<blob>_<db>/, features.mat, frames.txt, test.prototxt,
+    extract.json, extract_features.log); frame_list: an ImageData list (default: the frames of the
+    video_list clips, else the net's own source); video_list: also per-video means (video_feats,
+    video_names, video_labels, video_n_frames); db: leveldb or lmdb; batch: the mini-batch size
+    (default the test net's); v73: a MATLAB v7.3 (HDF5) .mat. A rerun with the same inputs skips
+    extract_features and only rewrites the .mat.
+    """
+    if db not in DATABASES:
+        raise UserError(f"unknown database {db!r}; choose leveldb or lmdb")
+    if not Path(weights).is_file():
+        raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
+    ref = resolve_net(net, "test")
+    test_file = ref.file
+    deploy = ref.sibling("deploy")
+    if deploy is not None:  # the test net has ImageData, whose shapes need images; its deploy twin does not
+        check_weights(str(deploy), weights)
+    net_param = read_net_param(test_file)
+    layer = image_data_layer(net_param, test_file)
+    frames, labels = frames_to_extract(layer, test_file, frame_list, video_list)
+    if not frames:
+        raise UserError("no frames to extract: the list is empty or its clip folders hold no images")
+    missing = [frame for frame in frames if not frame.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} listed image(s) do not exist, e.g. {missing[0]}; "
+                        "ImageData would abort on them")
+    batch = batch or layer.image_data_param.batch_size
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, not {batch}")
+    num_batches = math.ceil(len(frames) / batch)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    list_file, net_file = out / "frames.txt", out / "test.prototxt"
+    write_list(list_file, frames, labels)
+    write_extract_net(net_param, layer, list_file.resolve(), batch, net_file)
+    store = out / f"{safe_name(blob)}_{db}"
+    record = {"weights": file_identity(weights), "net": net_file.read_text(), "frames": list_file.read_text(),
+              "blob": blob, "batches": num_batches, "backend": db}
+    record_file = out / "extract.json"
+    done = store.is_dir() and record_file.is_file() and json.loads(record_file.read_text()) == record
+    if done:
+        print(f"{store} is up to date; not extracting again", file=sys.stderr)
+    else:
+        record_file.unlink(missing_ok=True)
+        run_extract_features(weights, net_file, blob, store, num_batches, db,
+                             out / "extract_features.log", num_batches * batch)
+        atomic_write_text(record_file, json.dumps(record))
+    mat = out / "features.mat"
+    variables = leveldb2mat(store, num_batches, batch, None, mat, num_images=len(frames),
+                            videos=video_list, frames=frames if video_list is not None else None,
+                            use_lmdb=db == "lmdb", v73=v73)
+    return ExtractResult(store=store, mat=mat, variables=variables)

@@ -1,0 +1,395 @@
+"""`emotiw test`: per-video scores against DSN's test_video.py loop and Caffe's own ImageData
+transform, both backends, fallbacks, resume, outputs and bad input; on tiny NetSpec nets."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from emotiw import EMOTIONS
+from emotiw.caffe.env import import_caffe
+from emotiw.caffe.runtime import OpenCVNet, PycaffeNet, load_net
+from emotiw.caffe.transform import Preprocessing
+from emotiw.cli import main
+from emotiw.formats.scores import read_scores
+from emotiw.metrics import classification_metrics
+from emotiw.nets.reference import resolve_net
+from emotiw.stages.test import read_clips, score_frames
+
+caffe = import_caffe()
+from caffe import layers as L  # noqa: E402
+from caffe import params as P
+
+REPO = Path(__file__).resolve().parents[1]
+DSN_MEAN = np.array([104.0, 117.0, 123.0])
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny nets and clips
+
+def tiny_net(data, side, stride=2, num_output=7, batchnorm=False):
+    """conv [-> BatchNorm -> Scale] -> ReLU -> max pool -> InnerProduct(num_output) `fc` -> Softmax `prob`."""
+    n = caffe.NetSpec()
+    n.data = data
+    # small weights keep the softmax away from saturation for 0-255 inputs
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=5, stride=stride,
+                           weight_filler=dict(type="gaussian", std=0.003), bias_filler=dict(type="constant", value=0.1))
+    if batchnorm:
+        n.bn = L.BatchNorm(n.conv, in_place=True)
+        n.scale = L.Scale(n.conv, bias_term=True, in_place=True)
+    n.relu = L.ReLU(n.conv, in_place=True)
+    n.pool = L.Pooling(n.relu, pool=P.Pooling.MAX, kernel_size=3, stride=2)
+    n.fc = L.InnerProduct(n.pool, num_output=num_output, weight_filler=dict(type="xavier"))
+    n.prob = L.Softmax(n.fc)
+    return n.to_proto()
+
+
+def deploy_net(folder, side, channels=3, seed=0, **options):
+    """folder/deploy.prototxt and folder/tiny.caffemodel with seeded random weights (BN statistics too);
+    the net is named after the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    deploy = folder / "deploy.prototxt"
+    deploy.write_text(f'name: "{folder.name}"\n' + str(tiny_net(L.Input(shape=dict(dim=[1, channels, side, side])), side, **options)))
+    caffe.set_random_seed(seed)
+    net = caffe.Net(str(deploy), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    if "bn" in net.params:
+        mean, variance, factor = net.params["bn"]
+        mean.data[...] = rng.normal(0, 20, mean.data.shape)
+        variance.data[...] = rng.uniform(50, 500, variance.data.shape)
+        factor.data[...] = 1
+        for blob in net.params["scale"]:
+            blob.data[...] = rng.uniform(0.5, 1.5, blob.data.shape)
+    weights = folder / "tiny.caffemodel"
+    net.save(str(weights))
+    return deploy, weights
+
+
+def make_clips(root, frames_per_clip, size, seed=0):
+    """Clip folders of random frames (plus a non-image file, which is not a frame); returns the list
+    lines `<folder> <label>`."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for index, count in enumerate(frames_per_clip):
+        folder = root / f"clip{index:02d}"
+        folder.mkdir(parents=True)
+        for frame in range(count):
+            image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+            cv2.imwrite(str(folder / f"frame-{frame:03d}.png"), image)
+        (folder / "landmarks.txt").write_text("not a frame\n")
+        lines.append(f"{folder} {index % len(EMOTIONS)}")
+    return lines
+
+
+def write_list(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dsn_test_video_scores(deploy, weights, folders):
+    """DSN's test_video.py: one frame at a time, resize 256, crop [16:240], minus the mean, summed prob."""
+    net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
+    sums = []
+    for folder in folders:
+        total = np.zeros(len(EMOTIONS))
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".png"):
+                continue
+            image = cv2.resize(cv2.imread(str(Path(folder) / name)), (256, 256))
+            image = image[16:240, 16:240].astype(np.float64) - DSN_MEAN
+            net.blobs["data"].data[...] = image.transpose(2, 0, 1)
+            total += net.forward()["prob"][0]
+        sums.append(total)
+    return np.array(sums)
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------------------------
+# Scores
+
+@pytest.fixture(scope="module")
+def dsn_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dsn")
+    deploy, weights = deploy_net(root / "dsn_tiny", side=224, stride=4)
+    lines = make_clips(root / "faces", [3, 2, 4, 1], size=(60, 50))
+    return deploy, weights, write_list(root / "val_video.txt", lines)
+
+
+def test_dsn_sum_matches_test_video_loop(tmp_path, dsn_setup):
+    deploy, weights, videos = dsn_setup
+    out = tmp_path / "out"
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(out), "--agg", "sum", "--batch", "3", "--blobs", "prob,fc"]) == 0
+
+    folders = [line.split()[0] for line in videos.read_text().splitlines()]
+    labels = np.array([int(line.split()[1]) for line in videos.read_text().splitlines()])
+    expected = dsn_test_video_scores(deploy, weights, folders)
+    assert np.ptp(expected / [[3], [2], [4], [1]], axis=0).max() > 1e-3
+    scores = read_scores(out / "scores.txt").scores
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+    predictions = read_csv(out / "predictions.csv")
+    assert [row["clip"] for row in predictions] == folders
+    assert [int(row["prediction"]) for row in predictions] == list(expected.argmax(axis=1))
+    assert [int(row["n_frames"]) for row in predictions] == [3, 2, 4, 1]
+    assert all(row["fallback"] == "0" for row in predictions)
+
+    frames = read_csv(out / "frames.csv")
+    assert len(frames) == 10 and all(row["readable"] == "1" for row in frames)
+    assert frames[0]["frame"].endswith("clip00/frame-000.png")
+    assert len(read_scores(out / "scores_fc.txt").scores) == 4
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected_accuracy = float(np.mean(expected.argmax(axis=1) == labels))
+    assert metrics["accuracy"] == pytest.approx(expected_accuracy)
+    assert metrics["accuracy_with_faces"] == pytest.approx(expected_accuracy)
+    assert np.array(metrics["confusion_matrix"]).sum() == 4
+    assert metrics["config"]["preprocess"] == "dsn"  # from the name: not an sse_ net
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / ".test-checkpoint.npz").exists()
+
+
+def test_mean_aggregation_is_sum_over_frames(tmp_path, dsn_setup):
+    deploy, weights, videos = dsn_setup
+    for agg in ("mean", "sum"):
+        assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                     "--out", str(tmp_path / agg), "--agg", agg]) == 0
+    means = read_scores(tmp_path / "mean" / "scores.txt").scores
+    sums = read_scores(tmp_path / "sum" / "scores.txt").scores
+    np.testing.assert_allclose(means * np.array([3, 2, 4, 1])[:, None], sums, rtol=1e-5)
+
+
+def test_sse_preprocessing_matches_caffe_imagedata(tmp_path):
+    """SSE nets: the transform of test.prototxt's data layer (mean file, scale), as Caffe applies it."""
+    net_dir = tmp_path / "sse_tiny"
+    deploy, weights = deploy_net(net_dir, side=32, seed=3)
+    lines = make_clips(tmp_path / "faces", [2, 3], size=(32, 32), seed=3)
+    videos = write_list(tmp_path / "videos.txt", lines)
+    mean = np.random.default_rng(4).uniform(60, 160, size=(1, 3, 32, 32))
+    mean_file = tmp_path / "mean.binaryproto"
+    mean_file.write_bytes(caffe.io.array_to_blobproto(mean).SerializeToString())
+    frames = [str(frame) for clip in read_clips(videos) for frame in clip.frames]
+    frame_list = write_list(tmp_path / "frames.txt", [f"{frame} 0" for frame in frames])
+    transform = dict(mean_file=str(mean_file), scale=0.5)
+    data, _ = L.ImageData(source=str(frame_list), batch_size=1, ntop=2, transform_param=transform)
+    (net_dir / "test.prototxt").write_text(str(tiny_net(data, 32)))
+
+    imagedata_net = caffe.Net(str(net_dir / "test.prototxt"), caffe.TEST, weights=str(weights))
+    per_frame = np.array([imagedata_net.forward()["prob"][0].copy() for _ in frames])
+    expected = np.array([per_frame[:2].mean(axis=0), per_frame[2:].mean(axis=0)])
+    assert np.ptp(per_frame, axis=0).max() > 1e-3  # frames score differently: order and mean matter
+
+    out = tmp_path / "out"
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(out)]) == 0
+    np.testing.assert_allclose(read_scores(out / "scores.txt").scores, expected, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["config"]["preprocess"] == "sse"
+
+
+def test_opencv_backend_gives_the_same_prob(tmp_path):
+    deploy, weights = deploy_net(tmp_path / "net", side=64, seed=5, batchnorm=True)
+    batch = np.random.default_rng(6).uniform(-120, 120, size=(5, 3, 64, 64)).astype(np.float32)
+    with_caffe = PycaffeNet(deploy, weights).forward(batch, ["prob", "fc"])
+    with_opencv = OpenCVNet(deploy, weights).forward(batch, ["prob", "fc"])
+    assert with_caffe["prob"].shape == with_opencv["prob"].shape == (5, len(EMOTIONS))
+    np.testing.assert_allclose(with_opencv["prob"], with_caffe["prob"], atol=1e-4)
+    np.testing.assert_allclose(with_opencv["fc"], with_caffe["fc"], atol=1e-3)
+    assert np.ptp(with_caffe["prob"]) > 1e-3  # the comparison is not between constant outputs
+
+
+def test_opencv_backend_end_to_end(tmp_path, dsn_setup):
+    deploy, weights, videos = dsn_setup
+    for backend in ("pycaffe", "opencv"):
+        assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                     "--out", str(tmp_path / backend), "--backend", backend, "--batch", "4"]) == 0
+    np.testing.assert_allclose(read_scores(tmp_path / "opencv" / "scores.txt").scores,
+                               read_scores(tmp_path / "pycaffe" / "scores.txt").scores, atol=1e-4)
+
+
+def auto_backend(net):
+    return resolve_net(net).preferred_backend
+
+
+def test_auto_backend_follows_the_backbone(tmp_path):
+    from emotiw import nets
+
+    for name in nets.names():
+        expected = "pycaffe" if "ResNet" in nets.get(name).backbone else "opencv"
+        assert auto_backend(name) == expected
+        assert auto_backend(REPO / "prototxt" / name / "deploy.prototxt") == expected  # a path names it too
+    assert {auto_backend("vgg_face"), auto_backend("dsn_resnet50")} == {"opencv", "pycaffe"}
+    deploy, _ = deploy_net(tmp_path / "my_own_net", side=32)
+    assert auto_backend(deploy) == "pycaffe"
+
+
+def test_auto_backend_loads_the_chosen_backend(tmp_path):
+    registered = tmp_path / "VGG_FACE"  # a net named like a registered one, in a folder of any name
+    deploy, weights = deploy_net(registered, side=32, seed=1)
+    runner, kind = load_net(deploy, weights, "auto", resolve_net(deploy).preferred_backend)
+    assert (type(runner), kind) == (OpenCVNet, "opencv")
+    unregistered, _ = deploy_net(tmp_path / "unregistered", side=32, seed=1)
+    runner, kind = load_net(unregistered, weights, "auto", resolve_net(unregistered).preferred_backend)
+    assert (type(runner), kind) == (PycaffeNet, "pycaffe")
+    assert load_net(deploy, weights, "pycaffe", "opencv")[1] == "pycaffe"  # an explicit choice is kept
+
+
+def test_auto_backend_is_recorded_in_metrics(tmp_path, dsn_setup):
+    deploy, weights, videos = dsn_setup
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(tmp_path / "out"), "--batch", "4"]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["backend"] == "pycaffe"
+
+
+# ------------------------------------------------------------------------------------------
+# Clips without faces, resume, metrics
+
+def test_missing_empty_and_unreadable_clips(tmp_path, capsys):
+    deploy, weights = deploy_net(tmp_path / "net", side=32, seed=7)
+    lines = make_clips(tmp_path / "faces", [2, 0, 3], size=(32, 32), seed=7)
+    (tmp_path / "faces" / "clip02" / "frame-001.png").write_bytes(b"not an image")
+    lines.insert(1, f"{tmp_path / 'faces' / 'gone'} 4")
+    videos = write_list(tmp_path / "videos.txt", lines)
+    train = write_list(tmp_path / "train.txt", ["a 3", "b 3", "c 0", "d 5"])
+    out = tmp_path / "out"
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(out), "--preprocess", "none", "--prior-list", str(train)]) == 0
+    err = capsys.readouterr().err
+    assert "1 clip folder(s) missing" in err and "1 clip folder(s) without face frames" in err
+    assert "1 frame image(s) could not be read" in err
+
+    prior = np.bincount([3, 3, 0, 5], minlength=len(EMOTIONS)) / 4
+    rows = read_csv(out / "predictions.csv")
+    scores = read_scores(out / "scores.txt").scores
+    assert [row["fallback"] for row in rows] == ["0", "1", "1", "0"]
+    assert [int(row["n_frames"]) for row in rows] == [2, 0, 0, 2]
+    np.testing.assert_allclose(scores[1], prior, atol=1e-6)
+    np.testing.assert_allclose(scores[2], prior, atol=1e-6)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["missing_folders"] == [str(tmp_path / "faces" / "gone")]
+    assert metrics["empty_folders"] == [str(tmp_path / "faces" / "clip01")]
+    assert metrics["unreadable_frames"] == [str(tmp_path / "faces" / "clip02" / "frame-001.png")]
+    labels = np.array([0, 4, 1, 2])
+    predicted = scores.argmax(axis=1)
+    assert metrics["accuracy"] == pytest.approx(np.mean(predicted == labels))
+    assert metrics["accuracy_with_faces"] == pytest.approx(np.mean(predicted[[0, 3]] == labels[[0, 3]]))
+    assert metrics["fallback_clips"] == 2
+
+
+def test_unlabelled_list_has_scores_but_no_accuracy(tmp_path):
+    deploy, weights = deploy_net(tmp_path / "net", side=32, seed=10)
+    lines = make_clips(tmp_path / "faces", [2, 1], size=(32, 32), seed=10)
+    videos = write_list(tmp_path / "test_videos.txt", [line.split()[0] for line in lines])
+    out = tmp_path / "out"
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(out), "--preprocess", "none"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] is None and metrics["clips"] == 2 and "confusion_matrix" not in metrics
+    assert not (out / "confusion.png").exists()
+    assert [row["label"] for row in read_csv(out / "predictions.csv")] == ["-1", "-1"]
+    assert read_scores(out / "scores.txt").scores.shape == (2, len(EMOTIONS))
+
+
+class InterruptAfter:
+    """A real backend that stops the run (as Ctrl-C would) after a number of forward passes."""
+
+    def __init__(self, backend, forwards):
+        self.backend, self.left, self.calls = backend, forwards, 0
+        self.input_shape = backend.input_shape
+
+    def forward(self, batch, blobs):
+        self.calls += 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return self.backend.forward(batch, blobs)
+
+
+def test_scoring_resumes_from_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr("emotiw.stages.test.CHECKPOINT_SECONDS", -1)  # save after every batch
+    deploy, weights = deploy_net(tmp_path / "net", side=32, seed=8)
+    lines = make_clips(tmp_path / "faces", [4, 3], size=(32, 32), seed=8)
+    frames = [frame for clip in read_clips(write_list(tmp_path / "v.txt", lines)) for frame in clip.frames]
+    backend = PycaffeNet(deploy, weights)
+    preprocessing = Preprocessing(channels=3, resize=(32, 32))
+    checkpoint = tmp_path / "checkpoint.npz"
+    complete, _ = score_frames(backend, preprocessing, frames, ["prob"], 2)
+
+    with pytest.raises(KeyboardInterrupt):  # the probe pass, then two batches of two frames
+        score_frames(InterruptAfter(backend, 3), preprocessing, frames, ["prob"], 2, checkpoint, "run-a")
+    resumed = InterruptAfter(backend, 99)
+    scores, readable = score_frames(resumed, preprocessing, frames, ["prob"], 2, checkpoint, "run-a")
+    assert resumed.calls == 1 + 2  # the probe, then frames 5-6 and 7
+    assert readable.all()
+    np.testing.assert_allclose(scores["prob"], complete["prob"], rtol=1e-6)
+
+    other_run = InterruptAfter(backend, 99)
+    score_frames(other_run, preprocessing, frames, ["prob"], 2, checkpoint, "run-b")
+    assert other_run.calls == 1 + 4  # another run's checkpoint is not reused
+
+
+def test_classification_metrics_by_counting():
+    rng = np.random.default_rng(9)
+    labels, predictions = rng.integers(0, 6, 50), rng.integers(0, 7, 50)  # class 6 never a label
+    metrics = classification_metrics(labels, predictions)
+    f1 = []
+    for c in range(len(EMOTIONS)):
+        tp = np.sum((labels == c) & (predictions == c))
+        fp, fn = np.sum((labels != c) & (predictions == c)), np.sum((labels == c) & (predictions != c))
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        recall = metrics["per_class_accuracy"][EMOTIONS[c]]
+        assert recall == (pytest.approx(tp / np.sum(labels == c)) if np.any(labels == c) else None)
+    assert metrics["macro_f1"] == pytest.approx(np.mean(f1))
+    assert metrics["accuracy"] == pytest.approx(np.mean(labels == predictions))
+    confusion = np.array(metrics["confusion_matrix"])
+    assert confusion[labels[0], predictions[0]] >= 1 and confusion.sum() == 50
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+def test_weights_that_do_not_fit_exit_with_the_report(tmp_path):
+    deploy, _ = deploy_net(tmp_path / "net", side=32)
+    _, other_weights = deploy_net(tmp_path / "other", side=32, num_output=5)
+    videos = write_list(tmp_path / "v.txt", make_clips(tmp_path / "faces", [1], size=(32, 32)))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "test_video.py"), "--net", str(deploy),
+                             "--weights", str(other_weights), "--videos", str(videos), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "shape mismatch: fc: net [[7, 196], [7]], file [[5, 196], [5]]" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("emotiw test: error: ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "scores.txt").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--blobs", "nope"], "no blob nope"),
+    (["--blobs", "conv"], "must hold the 7 class scores"),
+    (["--preprocess", "dsn"], "DSN preprocessing makes 3x224x224 inputs"),
+    (["--preprocess", "sse"], "SSE preprocessing takes the mean from"),
+    (["--prior-list", "/nonexistent/train.txt"], "not found"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
+    deploy, weights = deploy_net(tmp_path / "net", side=32)
+    videos = write_list(tmp_path / "v.txt", make_clips(tmp_path / "faces", [1], size=(32, 32)))
+    code = main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(tmp_path / "o"), "--preprocess", "none", *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unregistered_net_name_says_where_it_looked(capsys, tmp_path):
+    code = main(["test", "--net", "no_such_net", "--weights", "w", "--videos", "v", "--out", str(tmp_path)])
+    assert code == 2
+    assert "prototxt/no_such_net/deploy.prototxt" in capsys.readouterr().err
