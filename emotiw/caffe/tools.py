@@ -2,6 +2,7 @@
 way everywhere: the tool found in the venv, glog to a log file or captured, one line when it fails."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,15 +41,15 @@ def start_logged(command, log_level="1"):
                             bufsize=1)
 
 
-def run_logged(command, log_path, on_line=None, log_level=None, log_mode="w"):
-    """Runs a tool, appending every line to `log_path` and handing it to `on_line`; returns the
-    exit status and the text it logged (for first_fatal_line)."""
+def run_logged(command, log_path, on_line=None, log_level=None):
+    """Runs a tool, writing every line to `log_path` and handing it to `on_line`; returns the exit
+    status and the text it logged (for first_fatal_line)."""
     level = log_level or os.environ.get("GLOG_minloglevel", "1")
-    print(f"running {' '.join(map(str, command))}", file=sys.stderr)
+    print(f"running {shlex.join(map(str, command))}", file=sys.stderr)
     lines = []
     process = start_logged(command, level)
     try:
-        with open(Path(log_path), log_mode) as log:
+        with open(Path(log_path), "w") as log:
             for line in process.stdout:
                 log.write(line)
                 lines.append(line)
