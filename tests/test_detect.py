@@ -19,10 +19,11 @@ from emotiw.face import mtcnn_nets as mtcnn_caffe
 from emotiw.face.mtcnn import Detections, FaceDetector
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MTCNN_DIR = Path(__file__).resolve().parents[1] / "models" / "mtcnn"  # committed prototxts, converted weights
 FIXTURE_FILES = sorted(path for path in (FIXTURES / "mtcnn").glob("*.json") if path.name != "nets.json")
 IOU_MIN, LANDMARK_PX, SCORE_TOL = 0.95, 2.0, 0.01
 # Read at collection, before any test's detector rewrites a stale prototxt.
-COMMITTED_PROTOTXTS = {name: (mtcnn_caffe.DEFAULT_MODEL_DIR / f"{name}.prototxt").read_text()
+COMMITTED_PROTOTXTS = {name: (MTCNN_DIR / f"{name}.prototxt").read_text()
                        for name in mtcnn_caffe.NET_NAMES}
 
 
@@ -172,6 +173,11 @@ def test_converted_nets_equal_the_keras_models(backend):
             if ours.ndim == 4:  # P-Net maps come back NCHW, Keras wrote NHWC
                 ours = ours.transpose(0, 2, 3, 1)
             np.testing.assert_allclose(ours, keras, atol=1e-5, err_msg=name)
+
+
+def test_converted_weights_go_beside_the_committed_prototxts():
+    assert mtcnn_caffe.DEFAULT_MODEL_DIR == MTCNN_DIR
+    assert all(prototxt.parent == MTCNN_DIR for prototxt, _ in mtcnn_caffe.ensure_models().values())
 
 
 def test_committed_prototxts_are_the_generated_ones():
