@@ -325,7 +325,6 @@ def write_deploy(name, work):
     caffemodel (BatchNorm statistics set to mean 0, variance 1, as trained nets have)."""
     from google.protobuf import json_format, text_format
 
-
     caffe = import_caffe()
     net_param = nets.build(name, "deploy")
     folder = work / name
@@ -426,7 +425,6 @@ def caffe_train_rates(solver_path, batch, plan):
 def bench_training(plan, results, reference, work):
     from google.protobuf import json_format, text_format
 
-
     size, batch = nets.get(TRAIN_NET).preprocessing.input_size, plan.train_batch
     folder = work / "train"
     folder.mkdir()
@@ -455,7 +453,6 @@ def feature_setup(plan, work):
     file), seeded weights and the list."""
     import cv2
     from google.protobuf import text_format
-
 
     _, _, weights = write_deploy(TRAIN_NET, work)
     folder = work / TRAIN_NET

@@ -46,7 +46,6 @@ class OpenCVNet:
     def __init__(self, deploy, weights):
         import cv2
 
-
         param = read_net_param(deploy)
         self.input, self.input_shape = deploy_input(param)
         self.producers = {top: layer.name for layer in param.layer for top in layer.top}

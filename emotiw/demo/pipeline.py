@@ -281,7 +281,6 @@ def plot_samples(demo, path):
     import cv2
     from matplotlib.figure import Figure
 
-
     figure = Figure(figsize=(9, 1.6 * len(EMOTIONS)))
     grid = figure.subplots(len(EMOTIONS), 2, gridspec_kw={"width_ratios": [1, 2.2]}, squeeze=False)
     for row, emotion in enumerate(EMOTIONS):

@@ -52,7 +52,6 @@ class NetRef:
 
 def resolve_net(net, mode="deploy"):
     """The NetRef of `--net` for mode "deploy" or "test"."""
-
     path = Path(net)
     if path.suffix == ".prototxt" or path.is_file():
         if not path.is_file():
