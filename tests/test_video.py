@@ -1,4 +1,5 @@
-"""emotiw.face.video on clips encoded by the test with PyAV (H.264/mp4, MPEG-4/avi) and on broken files."""
+"""emotiw.face.video on clips encoded by the test with PyAV (H.264 and HEVC in mp4/mov/mkv, MPEG-4 in
+avi; variable frame rates, rotation metadata) and on broken files."""
 
 import shutil
 import subprocess
@@ -8,7 +9,8 @@ import media
 import numpy as np
 import pytest
 
-from emotiw.face.video import VideoError, iter_frames, probe, write_dsn_frames
+from emotiw.errors import UserError
+from emotiw.face.video import VideoError, display_size, iter_frames, probe, write_dsn_frames, write_video
 
 FRAMES = 10
 
@@ -95,3 +97,91 @@ def test_broken_files_raise_a_clear_error(clips, tmp_path):
     for path, message in cases.items():
         with pytest.raises(VideoError, match=message):
             list(iter_frames(path))
+
+
+def psnr(decoded, original):
+    mse = np.mean((decoded.astype(float) - original) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_h264_and_hevc_decode_close_to_what_was_written_and_encode_deterministically(clips, tmp_path, suffix, codec):
+    import av
+
+    _, _, images = clips
+    path = write_video(tmp_path / f"clip{suffix}", images, codec=codec)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == codec
+    frames = list(iter_frames(path))
+    assert len(frames) == FRAMES
+    assert min(psnr(f.image, original) for f, original in zip(frames, images)) > 30
+    again = write_video(tmp_path / f"again{suffix}", images, codec=codec)
+    assert again.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])
+def test_variable_frame_rate_times_are_read_back(clips, tmp_path, suffix):
+    _, _, images = clips
+    times = [0, 0.04, 0.1, 0.25, 0.2512, 0.5, 1.0, 1.0333, 1.7, 3.0]
+    path = write_video(tmp_path / f"vfr{suffix}", images, times=times, codec="hevc" if suffix == ".mov" else None)
+    frames = list(iter_frames(path))
+    assert [f.index for f in frames] == list(range(FRAMES))
+    assert [f.time for f in frames] == pytest.approx(times, abs=1e-3)
+    assert [f.index for f in iter_frames(path, fps=2)] == [0, 5, 6, 8, 9]  # first frames at or after 0, 0.5, 1, 1.5, 3 s
+
+
+@pytest.fixture(scope="module")
+def upright():
+    """An asymmetric picture, 320 wide and 240 tall: the astronaut's head left of centre on coffee."""
+    images, _ = media.moving_face_frames(1)
+    return images[0]
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotated_clips_come_out_upright_as_players_and_opencv_show_them(upright, tmp_path, rotation):
+    # stored turned clockwise by `rotation`: the metadata says to turn it back counter-clockwise
+    stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
+    path = write_video(tmp_path / "turned.mp4", [stored] * 3, rotation=rotation)
+    info = probe(path)
+    assert (info.width, info.height, info.rotation) == (stored.shape[1], stored.shape[0], rotation)
+    assert info.source_size == display_size(info) == (320, 240)
+    frames = list(iter_frames(path))
+    assert len(frames) == 3
+    assert frames[0].image.shape == upright.shape
+    assert psnr(frames[0].image, upright) > 30
+    assert next(iter_frames(path, width=160)).image.shape == (120, 160, 3)
+    ok, bgr = cv2.VideoCapture(str(path)).read()  # OpenCV turns frames by the same metadata
+    assert ok and np.abs(bgr[:, :, ::-1].astype(int) - frames[0].image).mean() < 1.0
+    if shutil.which("ffmpeg") is None:
+        return
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(path), "-frames:v", "1", str(tmp_path / "ffmpeg.png")],
+                   check=True)  # ffmpeg's default autorotation
+    ours = cv2.imread(str(tmp_path / "ffmpeg.png"))[:, :, ::-1].astype(int)
+    assert np.abs(ours - frames[0].image).mean() < 1.0
+
+
+def test_rotation_turns_the_display_aspect_ratio_too(upright, tmp_path):
+    stored = np.ascontiguousarray(np.rot90(upright, -1))[:, :160]  # 160 x 320 stored, shown 2:1 wide
+    path = write_video(tmp_path / "wide.mkv", [stored], rotation=90, sample_aspect_ratio=2)
+    info = probe(path)
+    assert (info.width, info.height, info.display_aspect_ratio) == (160, 320, 1)
+    assert (info.source_size, display_size(info)) == ((320, 160), (320, 320))
+    path = write_video(tmp_path / "wide.mov", [stored], rotation=-90, sample_aspect_ratio=2)
+    assert probe(path).rotation == 270
+    assert next(iter_frames(path)).image.shape == (320, 320, 3)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("clip.avi", {"codec": "hevc"}, "use .mp4 or .mov or .mkv"),
+    ("clip.mp4", {"codec": "vp9"}, "use one of h264, hevc"),
+    ("clip.mp4", {"times": [0, 0.1, 0.1, 0.3]}, "at least 1 ms after"),
+    ("clip.mp4", {"times": [0, 0.1]}, "got 2 times for 4 frames"),
+    ("clip.mp4", {"rotation": 45}, "not a quarter turn"),
+    ("clip.avi", {"rotation": 90}, "AVI has neither"),
+    ("clip.avi", {"times": [0, 0.1, 0.2, 0.3]}, "AVI has neither"),
+])
+def test_what_a_container_cannot_store_is_refused(upright, tmp_path, name, options, message):
+    with pytest.raises(UserError, match=message):
+        write_video(tmp_path / name, [upright] * 4, **options)
+    assert not (tmp_path / name).exists()

@@ -41,7 +41,8 @@ APT_PACKAGES = [
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run by the system Python before the venv exists
-from emotiw.caffe.env import CAFFE_TOOLS  # noqa: E402  (stdlib only)
+from emotiw.caffe.env import CAFFE_TOOLS  # noqa: E402  (these two: stdlib only)
+from emotiw.formats.files import cache_root, sha256_of  # noqa: E402
 
 PATCH_DIR = REPO / "caffe_patches"
 VENV = Path(os.environ.get("EMOTIW_VENV", REPO / ".venv"))
@@ -61,19 +62,6 @@ def log(message):
 
 def run(cmd, **kwargs):
     subprocess.run(cmd, check=True, **kwargs)
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cache_root():
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.environ.get("EMOTIW_CACHE", os.path.join(base, "emotiw")))
 
 
 # ---------------------------------------------------------------- system packages
@@ -118,8 +106,10 @@ def ensure_venv():
     log("installing the emotiw package and its pinned dependencies into the venv")
     run(pip + ["-e", f"{REPO}[test]"])
     # mtcnn ships the MTCNN weights we convert to Caffe; its own networks need TensorFlow,
-    # which we never install, so its dependencies are left out on purpose.
-    run(pip + ["--no-deps", "mtcnn==1.0.0"])
+    # which we never install, so its dependencies are left out on purpose. scenedetect's wheel
+    # requires opencv-python, a second OpenCV beside our headless one; its other requirements
+    # are in pyproject.toml.
+    run(pip + ["--no-deps", "mtcnn==1.0.0", "scenedetect==0.7.2"])
 
 
 def venv_info():

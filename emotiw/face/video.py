@@ -1,14 +1,24 @@
-"""Decoding video clips into RGB frames with PyAV (FFmpeg in a wheel).
+"""Decoding video clips into RGB frames with PyAV (FFmpeg in a wheel), and encoding test clips.
 
-Frames come out at the display aspect ratio (the stored width is stretched by the sample aspect
-ratio, as players and ffmpeg's `-s` sizes do), each with its index in the full decoded sequence and
-its presentation time in seconds from the start of the stream.
+Frames come out as players show them: at the display aspect ratio (the stored width is stretched
+by the sample aspect ratio, as players and ffmpeg's `-s` sizes do) and upright (turned by the
+display matrix's rotation, as players, ffmpeg's autorotation and OpenCV's VideoCapture do), each
+with its index in the full decoded sequence and its presentation time in seconds from the first
+frame's.
+
+Sizes of a clip, from `info = probe(path)`: `info.width, info.height` is the stored (coded)
+picture; `info.rotation` the display rotation in counter-clockwise degrees (0, 90, 180 or 270;
+PyAV's VideoFrame.rotation and ffprobe's `rotation`, modulo 360); `info.source_size` the coded
+size once upright (what OpenCV's VideoCapture returns); `display_size(info)` the display aspect
+ratio at the stored height, once upright (what iter_frames yields).
 """
 
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+
+import numpy as np
 
 from emotiw.errors import UserError
 from emotiw.formats.files import atomic_open, atomic_path
@@ -25,16 +35,22 @@ class VideoError(UserError):
 class Frame:
     index: int  # position in the full decoded sequence, 0-based, before any subsampling
     time: float  # seconds since the first frame's presentation time
-    image: object  # RGB uint8 array, H x W x 3, at the display aspect ratio
+    image: object  # RGB uint8 array, H x W x 3, at the display aspect ratio, upright
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    width: int  # stored (coded) size
+    width: int  # stored (coded) size, before the rotation
     height: int
-    display_aspect_ratio: Fraction
+    display_aspect_ratio: Fraction  # of the stored picture, before the rotation
     frame_rate: Fraction | None
     declared_frames: int  # what the container says; 0 when it does not say
+    rotation: int  # counter-clockwise degrees that turn the stored picture upright: 0, 90, 180 or 270
+
+    @property
+    def source_size(self):
+        """(width, height) of the coded picture once upright: what OpenCV's VideoCapture returns."""
+        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
 
 
 def _open(path):
@@ -55,7 +71,7 @@ def _open(path):
     return container
 
 
-def _info(stream):
+def _info(stream, rotation):
     width, height = stream.codec_context.width, stream.codec_context.height
     sample_aspect = stream.sample_aspect_ratio or Fraction(1)  # 0/1 or None: square pixels
     return VideoInfo(
@@ -64,23 +80,38 @@ def _info(stream):
         display_aspect_ratio=Fraction(width, height) * sample_aspect,
         frame_rate=stream.average_rate or stream.guessed_rate,
         declared_frames=stream.frames or 0,
+        # PyAV gives -180..180; players snap a display matrix to the nearest quarter turn
+        rotation=round(rotation / 90) % 4 * 90,
     )
 
 
 def probe(path):
-    """Stream facts of a clip's first video stream, without decoding it."""
+    """Stream facts of a clip's first video stream. Decodes the first frame only: PyAV exposes the
+    display matrix (the rotation) on decoded frames, not on the stream."""
+    import av
+
     with _open(path) as container:
-        return _info(container.streams.video[0])
+        stream = container.streams.video[0]
+        try:
+            first = next(iter(container.decode(stream)), None)
+        except av.error.FFmpegError as error:
+            raise VideoError(f"{path}: damaged video, its first frame does not decode ({error})")
+        if first is None:
+            raise VideoError(f"{path}: no frame could be decoded")
+        return _info(stream, first.rotation)
 
 
 def display_size(info, width=None):
-    """Output (width, height): the display size, or `width` wide at the display aspect ratio.
+    """Output (width, height) of upright frames: the display aspect ratio at the stored height,
+    turned with a 90 or 270 degree rotation; or `width` wide at the upright display aspect ratio.
 
     With a width, the height is int(width / DAR), as DSN's extract_frames.py computed it.
     """
+    aspect = info.display_aspect_ratio
     if width is not None:
-        return width, int(width / info.display_aspect_ratio)
-    return round(info.height * info.display_aspect_ratio), info.height
+        return width, int(width * aspect if info.rotation % 180 else width / aspect)
+    size = round(info.height * aspect), info.height
+    return size[::-1] if info.rotation % 180 else size
 
 
 def check_sampling(fps=None, every=None, max_frames=None):
@@ -131,12 +162,17 @@ def iter_frames(path, fps=None, every=None, max_frames=None, width=None, interpo
     sampler = _Sampler(fps, every, max_frames)
     with _open(path) as container:
         stream = container.streams.video[0]
-        info = _info(stream)
-        out_width, out_height = display_size(info, width)
+        info = None
         first_pts = None
         decoded = 0
         try:
             for decoded_frame in container.decode(stream):
+                if info is None:  # the rotation comes with the first decoded frame
+                    info = _info(stream, decoded_frame.rotation)
+                    turns = info.rotation // 90
+                    out_width, out_height = display_size(info, width)
+                    if turns % 2:  # scaled before it is turned
+                        out_width, out_height = out_height, out_width
                 index = decoded
                 decoded += 1
                 if decoded_frame.pts is not None:
@@ -147,7 +183,8 @@ def iter_frames(path, fps=None, every=None, max_frames=None, width=None, interpo
                 if not sampler.keep(index, time):
                     continue
                 rgb = decoded_frame.reformat(out_width, out_height, "rgb24", interpolation=interpolation)
-                yield Frame(index=index, time=time, image=rgb.to_ndarray())
+                image = np.ascontiguousarray(np.rot90(rgb.to_ndarray(), turns))  # rot90 turns counter-clockwise
+                yield Frame(index=index, time=time, image=image)
                 if sampler.done():
                     return
         except av.error.FFmpegError as error:
@@ -185,33 +222,78 @@ def write_dsn_frames(path, out_dir):
     return written
 
 
-# suffix -> (container format, video codec)
-CONTAINERS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".mkv": ("matroska", "libx264"),
-              ".avi": ("avi", "mpeg4")}
+# suffix -> (container format, the codecs it takes, the first being the default)
+CONTAINERS = {".mp4": ("mp4", ("h264", "hevc")), ".mov": ("mov", ("h264", "hevc")),
+              ".mkv": ("matroska", ("h264", "hevc")), ".avi": ("avi", ("mpeg4",))}
+# codec -> (encoder, its options). A constant quantiser on one thread: libx264's CRF rate control
+# gave different streams for the same frames depending on what the process had encoded before.
+# x265 threads through its own pool (pools=none turns it off) and logs to stderr unless told not to.
+ENCODERS = {
+    "h264": ("libx264", {"qp": "20", "preset": "medium"}),
+    "hevc": ("libx265", {"qp": "20", "preset": "medium",
+                         "x265-params": "log-level=none:pools=none:frame-threads=1"}),
+    "mpeg4": ("mpeg4", {}),
+}
+TIME_BASE = Fraction(1, 90000)  # of per-frame times: MPEG's 90 kHz clock (Matroska keeps 1 ms)
 
 
-def write_video(path, frames, fps=10, sample_aspect_ratio=None):
-    """Encodes RGB frames with PyAV, written atomically: H.264 in .mp4/.mov/.mkv, MPEG-4 part 2 in .avi.
-    H.264 uses a constant quantiser on one thread, because libx264's CRF rate control gave different
-    streams for the same frames depending on what the process had encoded before."""
+def _check_encoding(path, frames, codec, times, rotation):
+    """The (container format, codec) for `path`; UserError for what it cannot store."""
+    suffix = path.suffix.lower()
+    if suffix not in CONTAINERS:
+        raise UserError(f"{path}: cannot encode {suffix or 'files without a suffix'}; "
+                        f"use one of {', '.join(CONTAINERS)}")
+    container_format, codecs = CONTAINERS[suffix]
+    codec = codecs[0] if codec is None else codec
+    if codec not in codecs:
+        fits = [name for name, (_, takes) in CONTAINERS.items() if codec in takes]
+        raise UserError(f"{path}: {suffix} cannot hold {codec} video; "
+                        + (f"use {' or '.join(fits)} for it" if fits else f"use one of {', '.join(ENCODERS)}"))
+    if suffix == ".avi" and (times is not None or rotation):
+        raise UserError(f"{path}: AVI has neither per-frame times nor a display rotation; use .mp4, .mov or .mkv")
+    if times is not None:
+        steps = np.diff(times)
+        if len(times) != len(frames) or times[0] < 0 or (steps < 1e-3).any():
+            raise UserError(f"{path}: times must be one per frame, at 0 s or later, each at least 1 ms "
+                            f"after the one before (got {len(times)} times for {len(frames)} frames)")
+    if rotation is not None and rotation % 90:
+        raise UserError(f"{path}: rotation {rotation} is not a quarter turn; use 0, 90, 180 or 270 degrees")
+    return container_format, codec
+
+
+def write_video(path, frames, fps=10, sample_aspect_ratio=None, codec=None, times=None, rotation=None):
+    """Encodes RGB frames with PyAV, written atomically: H.264 (default) or HEVC (`codec="hevc"`)
+    in .mp4/.mov/.mkv, MPEG-4 part 2 in .avi. The same frames and settings give the same bytes.
+
+    `times`: per-frame presentation times in seconds (variable frame rate) instead of 1/fps steps;
+    `fps` is then only the nominal rate the encoder is told. `rotation`: the display matrix's
+    counter-clockwise degrees (what probe reads back), so players turn the stored frames by it.
+    """
     import av
 
     path = Path(path)
-    if path.suffix.lower() not in CONTAINERS:
-        raise UserError(f"{path}: cannot encode {path.suffix or 'files without a suffix'}; "
-                        f"use one of {', '.join(CONTAINERS)}")
-    container_format, codec = CONTAINERS[path.suffix.lower()]
+    container_format, codec = _check_encoding(path, frames, codec, times, rotation)
+    encoder, options = ENCODERS[codec]
     with atomic_path(path) as tmp:
-        with av.open(str(tmp), "w", format=container_format) as container:
-            stream = container.add_stream(codec, rate=Fraction(fps))
+        # bitexact: no FFmpeg version in the file, and Matroska's UIDs fixed instead of random
+        with av.open(str(tmp), "w", format=container_format, options={"fflags": "+bitexact"}) as container:
+            stream = container.add_stream(encoder, rate=Fraction(fps))
             stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
             stream.pix_fmt = "yuv420p"
             stream.thread_count = 1
-            if codec == "libx264":
-                stream.options = {"qp": "20", "preset": "medium"}
+            stream.options = options
+            if codec == "hevc" and container_format != "matroska":
+                stream.codec_context.codec_tag = "hvc1"  # Apple's players refuse FFmpeg's default hev1
             if sample_aspect_ratio is not None:
                 stream.codec_context.sample_aspect_ratio = Fraction(sample_aspect_ratio)
-            for image in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            if rotation:
+                stream.set_display_rotation(rotation % 360)
+            if times is not None:
+                stream.codec_context.time_base = stream.time_base = TIME_BASE
+            for number, image in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                if times is not None:
+                    frame.pts, frame.time_base = round(times[number] / TIME_BASE), TIME_BASE
+                container.mux(stream.encode(frame))
             container.mux(stream.encode())
     return path

@@ -1,6 +1,7 @@
 """Atomic writes: every output appears complete or not at all."""
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -59,6 +60,20 @@ def file_identity(path):
     """What says a file is unchanged between runs: its resolved path, size and modification time."""
     stat = Path(path).stat()
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cache_root():
+    """Where downloads and builds are kept between runs: $EMOTIW_CACHE, else <XDG cache>/emotiw."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("EMOTIW_CACHE", os.path.join(base, "emotiw")))
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def safe_name(name):
