@@ -104,3 +104,15 @@ def test_not_root_prints_the_apt_command(monkeypatch):
     monkeypatch.setattr(caffe_build.os, "geteuid", lambda: 1000)
     with pytest.raises(InstallError, match="apt-get install -y --no-install-recommends libfoo-dev"):
         caffe_build.ensure_apt_packages()
+
+
+def test_scenedetect_is_installed_beside_the_one_headless_opencv():
+    from importlib import metadata
+
+    import cv2
+    import scenedetect
+
+    assert scenedetect.__version__ == "0.7.2"
+    installed = {dist.metadata["Name"].lower() for dist in metadata.distributions()}
+    assert [name for name in installed if name.startswith("opencv")] == ["opencv-python-headless"]
+    assert Path(cv2.__file__).resolve().is_relative_to(Path(sys.prefix).resolve())
