@@ -1,10 +1,18 @@
-"""Which face is the clip's subject: an IoU tracker over the frames' detections.
+"""Which face is the clip's subject: an IoU tracker over the frames' detections, and two rules.
 
 Each frame's boxes are linked to the open tracks by greedy best-IoU matching, so with two faces
 each keeps its own track and identities never swap. Boxes are compared grown around their centres
 (GROWTH), so that a face moving more than its own width between kept frames (fast motion, --every,
---fps) still overlaps its previous box. The subject is the longest track (ties: the larger mean
-box); frames where it was not detected are reported as missing.
+--fps) still overlaps its previous box. A shot cut ends every track.
+
+The subject, by one of SUBJECT_RULES:
+  * `track` (SSE located and tracked its target face): in every shot, the longest track of the
+    shot (ties: the larger mean box), joined by the tracks of the shot that run wholly before or
+    after it (the same face, lost for a while); frames of the shot where none of them was
+    detected are missing.
+  * `facenet` (DSN ran facenet's align_dataset_mtcnn on every frame): in every frame with a face,
+    the face with the largest box area minus twice the squared distance of its centre from the
+    image centre.
 """
 
 from dataclasses import dataclass, field
@@ -16,9 +24,13 @@ GROWTH = 2.0  # boxes are compared at twice their width and height, around the s
 MAX_GAP = 10  # kept frames a track may go undetected (profile, blur) before it is closed
 
 
+SUBJECT_RULES = ("facenet", "track")
+
+
 @dataclass
 class Track:
     track_id: int
+    shot: int = 0
     # position in the frame sequence -> index of the detection in that frame
     detections: dict = field(default_factory=dict)
     areas: list = field(default_factory=list)
@@ -33,6 +45,10 @@ class Track:
     @property
     def length(self):
         return len(self.detections)
+
+    @property
+    def span(self):
+        return min(self.detections), max(self.detections)
 
     @property
     def mean_area(self):
@@ -62,15 +78,17 @@ def grown(boxes, factor=GROWTH):
     return np.hstack([centres - half_sizes, centres + half_sizes])
 
 
-def link_tracks(boxes_per_frame, iou_threshold=IOU_THRESHOLD, max_gap=MAX_GAP):
-    """Links detections across frames. `boxes_per_frame`: one (N_i x 4) array per kept frame.
+def link_tracks(boxes_per_frame, shots=None, iou_threshold=IOU_THRESHOLD, max_gap=MAX_GAP):
+    """Links detections across frames. `boxes_per_frame`: one (N_i x 4) array per kept frame;
+    `shots`: each frame's shot number (default: one shot).
 
     Returns every Track, in order of creation.
     """
     tracks = []
-    for position, boxes in enumerate(boxes_per_frame):
+    shots = [0] * len(boxes_per_frame) if shots is None else shots
+    for position, (boxes, shot) in enumerate(zip(boxes_per_frame, shots)):
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        open_tracks = [t for t in tracks if position - t.last_position <= max_gap + 1]
+        open_tracks = [t for t in tracks if position - t.last_position <= max_gap + 1 and t.shot == shot]
         unmatched = set(range(len(boxes)))
         if open_tracks and len(boxes):
             ious = iou_matrix(grown([t.last_box for t in open_tracks]), grown(boxes))
@@ -84,7 +102,7 @@ def link_tracks(boxes_per_frame, iou_threshold=IOU_THRESHOLD, max_gap=MAX_GAP):
                     track.add(position, int(detection), boxes[detection])
                     unmatched.discard(detection)
         for detection in sorted(unmatched):
-            track = Track(track_id=len(tracks))
+            track = Track(track_id=len(tracks), shot=shot)
             track.add(position, detection, boxes[detection])
             tracks.append(track)
     return tracks
@@ -97,14 +115,43 @@ def main_subject(tracks):
     return max(tracks, key=lambda t: (t.length, t.mean_area, -t.track_id))
 
 
-def subject_detections(boxes_per_frame, **tracker_options):
-    """Per kept frame, the index of the subject's detection, or None where the subject is missing.
+@dataclass
+class Subject:
+    chosen: list  # per kept frame, the index of the subject's detection, or None
+    track_ids: list  # per kept frame, the track id of each of its detections
 
-    Returns (subject track or None, list of detection index or None).
-    """
-    subject = main_subject(link_tracks(boxes_per_frame, **tracker_options))
-    detections = subject.detections if subject else {}
-    return subject, [detections.get(position) for position in range(len(boxes_per_frame))]
+
+def choose_subject(boxes_per_frame, rule="track", shots=None, image_shape=None, **tracker_options):
+    """The subject's detection in every kept frame, by `rule` (SUBJECT_RULES); `image_shape`
+    (the frames' height, width) is needed by the facenet rule."""
+    tracks = link_tracks(boxes_per_frame, shots, **tracker_options)
+    track_ids = [[-1] * len(np.asarray(boxes).reshape(-1, 4)) for boxes in boxes_per_frame]
+    for track in tracks:
+        for position, detection in track.detections.items():
+            track_ids[position][detection] = track.track_id
+    if rule == "facenet":
+        chosen = [facenet_choice(boxes, image_shape) if len(ids) else None
+                  for boxes, ids in zip(boxes_per_frame, track_ids)]
+    else:
+        chosen = [None] * len(boxes_per_frame)
+        for shot in sorted({t.shot for t in tracks}):
+            for track in shot_subject([t for t in tracks if t.shot == shot]):
+                for position, detection in track.detections.items():
+                    chosen[position] = detection
+    return Subject(chosen, track_ids)
+
+
+def shot_subject(tracks):
+    """The subject's tracks in one shot: the main track, then, longest first, every track whose
+    frames lie wholly before or after all of those taken. A face that left the picture (or
+    turned away) for longer than MAX_GAP comes back as a new track; a face ever seen while the
+    subject's track runs is somebody else."""
+    taken = []
+    for track in sorted(tracks, key=lambda t: (-t.length, -t.mean_area, t.track_id)):
+        start, end = track.span
+        if all(end < other.span[0] or start > other.span[1] for other in taken):
+            taken.append(track)
+    return taken
 
 
 def facenet_choice(boxes, image_shape):
