@@ -9,12 +9,14 @@ The reference side runs in its own environment (bench/.venv-ref, see bench/refer
 it those rows are skipped and reported as such.
 """
 
+import csv
 import ctypes
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +42,9 @@ from emotiw.stages import fuse
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = REPO / "bench" / "reference.py"
 REFERENCE_PYTHON = REPO / "bench" / ".venv-ref" / "bin" / "python"
-ROWS = ("gemm", "detect", "preprocess", "inference", "training", "features")
+ROWS = ("gemm", "detect", "preprocess", "footage", "inference", "training", "features")
+# the real-footage rows: each --mode with each --detect, on a clip the size of issue 12's trailer
+FOOTAGE_RUNS = (("dsn", "tracked"), ("dsn", "every-frame"), ("sse", "tracked"), ("sse", "every-frame"))
 # (net, input size, the torchvision backbone a user would take instead, or None)
 INFERENCE_NETS = (
     ("sse_holonet_3conv-s_concat", 128, None),
@@ -64,6 +68,7 @@ class Plan:
     detect_sizes: tuple = ((640, 360), (1280, 720))
     preprocess_clips: int = 4
     preprocess_frames: int = 10
+    footage_size: tuple = (720, 528)
     batches: tuple = (1, 32)
     nets: tuple = tuple(name for name, _, _ in INFERENCE_NETS)
     train_batch: int = 32
@@ -74,7 +79,8 @@ class Plan:
     quick: bool = False
 
 
-QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6, batches=(1,),
+QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6,
+             footage_size=(480, 352), batches=(1,),
              feature_images=64)
 
 
@@ -299,6 +305,73 @@ def bench_preprocess(plan, results, work):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         results.add("preprocess", f"{plan.preprocess_clips} clips 640x360, {total} frames", f"{workers} worker(s)",
                     measure(run_once, total, plan), "frames/s")
+
+
+def footage_coverage(manifest, reference_faces):
+    """(coverage, close): of the frames where the reference finds a face, the share where the
+    subject was kept, and the share where its box has IoU >= 0.9 with one of the reference's."""
+    kept = {}
+    with open(manifest, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["detected"] == "1":
+                kept[int(row["frame"])] = [float(row[name]) for name in ("x1", "y1", "x2", "y2")]
+    with_face = [index for index, faces in enumerate(reference_faces) if faces]
+    close = sum(max(iou(kept[index], face) for face in reference_faces[index]) >= 0.9
+                for index in with_face if index in kept)
+    return sum(index in kept for index in with_face) / len(with_face), close / len(with_face)
+
+
+def bench_footage(plan, results, reference, work):
+    """`emotiw preprocess` end to end on real footage, per --mode and --detect, in a fresh process:
+    emotiw.demo.footage.carphone_with_cuts (the carphone talking head, 4 shots, hard cuts to 4
+    face-free shots of real footage). Beside it the `mtcnn` package on the same decoded frames,
+    detection only, whose faces give the coverage (without the bench environment: our every-frame
+    detections, which equal the package's)."""
+    from emotiw.demo import footage
+
+    width, height = plan.footage_size
+    frames, _ = footage.carphone_with_cuts(width, height)
+    videos = work / "footage" / "clips"
+    path = write_video(videos / "carphone_with_cuts.mp4", frames, fps=footage.FPS)
+    decoded = np.stack([frame.image for frame in iter_frames(path)])
+    name = f"real footage with cuts {width}x{height}, {len(decoded)} frames"
+    np.savez(work / "footage.npz", frames=decoded)
+    # one pass: TensorFlow runs about 3 frames/s here, and the faces of one pass are all we need
+    ref = reference.run("detect", label=name, frames=str(work / "footage.npz"), repeats=1, warmup=0,
+                        warmup_frames=2, **DETECTOR)
+    del decoded
+    ref_row = ref and results.add("footage", name, "mtcnn 1.0.0 (TensorFlow), detection only", ref["rates"],
+                                  "frames/s")
+    reference_faces = ref["faces"] if ref else None
+    for mode, detect in sorted(FOOTAGE_RUNS, key=lambda run: run[1] == "tracked"):  # every-frame first
+        runs = iter(range(10 ** 6))
+        last = {}
+
+        def run_once():
+            out = work / f"footage_{mode}_{detect}_{next(runs)}"
+            command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(videos),
+                       "--out", str(out), "--mode", mode, "--detect", detect]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if "out" in last:
+                shutil.rmtree(last["out"])
+            last["out"] = out
+        rates = measure(run_once, len(frames), plan)
+        if reference_faces is None and detect == "every-frame":
+            reference_faces = our_faces(last["out"] / "detections.csv", len(frames))
+        coverage, close = footage_coverage(last["out"] / "manifest.csv", reference_faces)
+        row = results.add("footage", name, f"emotiw preprocess --mode {mode} --detect {detect}", rates,
+                          "frames/s", coverage=coverage, close_boxes=close,
+                          reference="mtcnn" if ref else "our every-frame MTCNN")
+        results.ratio("footage", name, row, ref_row,
+                      f"coverage {100 * coverage:.1f} %, box IoU >= 0.9 in {100 * close:.1f} %")
+
+
+def our_faces(detections, frames):
+    faces = [[] for _ in range(frames)]
+    with open(detections, newline="") as handle:
+        for row in csv.DictReader(handle):
+            faces[int(row["frame"])].append([float(row[name]) for name in ("x1", "y1", "x2", "y2")])
+    return faces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +608,9 @@ def markdown(report):
             notes.append(f"{row['gflop_per_image']:.2f} GFLOP/image")
         if row.get("fraction_of_gemm_ceiling") is not None:
             notes.append(f"{100 * row['fraction_of_gemm_ceiling']:.0f}% of GEMM ceiling")
+        if row.get("coverage") is not None:
+            notes.append(f"coverage {100 * row['coverage']:.1f} %, box IoU >= 0.9 in {100 * row['close_boxes']:.1f} % "
+                         f"(of the frames where {row['reference']} finds a face)")
         if row.get("iou_with_ours"):
             notes.append(f"box IoU with ours: mean {np.mean(row['iou_with_ours']):.3f}, min {min(row['iou_with_ours']):.3f}")
         lines.append(f"| {row['section']} | {row['name']} | {row['impl']} | {fmt(row['median'])} | {fmt(row['min'])} "
@@ -559,6 +635,8 @@ def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
             bench_detect(plan, results, reference, work)
         if "preprocess" in plan.rows:
             bench_preprocess(plan, results, work)
+        if "footage" in plan.rows:
+            bench_footage(plan, results, reference, work)
         if "inference" in plan.rows:
             bench_inference(plan, results, reference, work, ceiling)
         if "training" in plan.rows:

@@ -6,7 +6,8 @@ JOB.json is written by emotiw/bench.py: {"task": ..., "repeats": R, "warmup": W,
 is a JSON object with the same timing fields (`rates`: items/s per repeat) as our side.
 
 Tasks:
-  * detect: the `mtcnn` package's TensorFlow pipeline on the frames of an .npz, our thresholds;
+  * detect: the `mtcnn` package's TensorFlow pipeline on the frames of an .npz, our thresholds
+    (every face's box per frame, for the coverage of the real-footage rows);
   * infer: PyTorch CPU forward of a torchvision backbone, or of the Caffe net itself (its
     NetParameter as JSON, translated layer by layer below: same layers, same shapes);
   * train: PyTorch CPU training steps of a Caffe train net translated the same way (same losses).
@@ -36,6 +37,8 @@ def timed_rates(step, items, repeats, warmup):
 # Face detection with the `mtcnn` package
 
 def detect(job):
+    """Per frame, every face's box and the best one's; `warmup_frames` (optional) warms
+    TensorFlow up on the first N frames instead of whole untimed passes."""
     import numpy as np
     from mtcnn import MTCNN
 
@@ -45,13 +48,16 @@ def detect(job):
                    threshold_rnet=job["thresholds"][1], threshold_onet=job["thresholds"][2],
                    scale_factor=job["scale_factor"], box_format="xyxy", fit_to_image=False)
     found = []
+    for frame in frames[:job.get("warmup_frames", 0)]:
+        detector.detect_faces(frame, **options)
 
     def run_clip():
         found[:] = [detector.detect_faces(frame, **options) for frame in frames]
 
     rates = timed_rates(run_clip, len(frames), job["repeats"], job["warmup"])
     best = [max(faces, key=lambda face: face["confidence"])["box"] if faces else None for faces in found]
-    return {"rates": rates, "boxes": [None if box is None else [float(v) for v in box] for box in best]}
+    return {"rates": rates, "boxes": [None if box is None else [float(v) for v in box] for box in best],
+            "faces": [[[float(v) for v in face["box"]] for face in faces] for faces in found]}
 
 
 # ---------------------------------------------------------------------------------------------

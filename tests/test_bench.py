@@ -102,3 +102,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not (Path(tmp_path) / "results.json").exists()
+
+
+def test_footage_coverage_counts_the_reference_face_frames(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("frame,detected,x1,y1,x2,y2\n0,1,0,0,10,10\n1,1,0,0,10,10\n2,0,,,,\n3,1,50,50,60,60\n")
+    # the reference: a face in frames 0 (same box), 1 (another face and ours), 2 (missed by us), none in 3
+    faces = [[[0, 0, 10, 10]], [[30, 30, 40, 40], [0, 0, 10, 11]], [[0, 0, 10, 10]], []]
+    coverage, close = bench.footage_coverage(manifest, faces)
+    assert (coverage, close) == (pytest.approx(2 / 3), pytest.approx(2 / 3))

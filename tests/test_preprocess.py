@@ -21,6 +21,8 @@ import pytest
 
 from emotiw import EMOTIONS
 from emotiw.cli import main
+from emotiw.face.align import crop_dsn, to_gray
+from emotiw.face.video import iter_frames
 
 REPO = Path(__file__).resolve().parents[1]
 MOVING_FRAMES, TWO_FACE_FRAMES, SUBJECT_MISSING = 8, 10, 5
@@ -183,11 +185,15 @@ def test_dsn_mode_crops_400_pixel_faces_from_1024_wide_frames(afew, tmp_path):
     rows = read_csv(tmp_path / "out" / "manifest.csv")
     assert [(r["split"], r["label"], r["frame"]) for r in rows] == [("clips", "-1", "0"), ("clips", "-1", "2"),
                                                                       ("clips", "-1", "4")]
+    frames = {frame.index: frame.image for frame in iter_frames(clips / "001.mp4", width=1024)}
     for row in rows:
-        # boxes are in the 1024-wide frame, 3.2 times the 320-wide clip
-        assert centre_inside(row, truth["001"][int(row["frame"])], scale=320 / 1024)
+        # boxes are in the clip's own 320x240 pixels; the crops come from its frames 1024 wide
+        assert centre_inside(row, truth["001"][int(row["frame"])])
         crop = cv2.imread(str(tmp_path / "out" / row["crop"]), cv2.IMREAD_UNCHANGED)
-        assert crop.shape == (400, 400)
+        box = [float(row[name]) * 1024 / 320 for name in ("x1", "y1", "x2", "y2")]
+        assert np.array_equal(crop, to_gray(crop_dsn(frames[int(row["frame"])], box)))
+    sizes = json.loads((tmp_path / "out" / "preprocess.json").read_text())["clips"]["clips/001"]
+    assert (sizes["source_size"], sizes["detect_size"], sizes["crop_size"]) == ([320, 240], [320, 240], [1024, 768])
     # unlabelled clips get label 0 in Caffe lists
     assert all(line.endswith(" 0") for line in (tmp_path / "out" / "lists" / "clips.txt").read_text().splitlines())
 

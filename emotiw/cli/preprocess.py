@@ -1,5 +1,8 @@
 """`emotiw preprocess`: video clips or face images -> aligned face crops, manifest, lists (emotiw.stages.preprocess)."""
 
+from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY
+from emotiw.face.shots import SHOT_THRESHOLD
+from emotiw.face.track import SUBJECT_RULES
 from emotiw.formats.lists import LABEL_MAPS
 from emotiw.stages.preprocess import preprocess
 
@@ -18,6 +21,19 @@ def register(subparsers):
     parser.add_argument("--aligned", action="store_true", help="--images are aligned face crops: resize only")
     parser.add_argument("--mode", choices=("dsn", "sse"), default="dsn",
                         help="dsn: facenet crop, margin 100, 400x400 (default); sse: 5-point similarity warp, 128x128")
+    parser.add_argument("--subject", choices=SUBJECT_RULES,
+                        help="facenet: the big central face of every frame (dsn's default, as DSN); "
+                             "track: the longest face track of every shot (sse's default)")
+    parser.add_argument("--detect", choices=DETECT_MODES, default="tracked",
+                        help="tracked (default): full MTCNN at shot starts and every --redetect-every frames, "
+                             "around the previous faces between; every-frame: full MTCNN on every frame")
+    parser.add_argument("--redetect-every", type=int, default=REDETECT_EVERY, metavar="K",
+                        help=f"--detect tracked: frames between full detections (default {REDETECT_EVERY})")
+    parser.add_argument("--shot-threshold", type=float, default=SHOT_THRESHOLD, metavar="T",
+                        help=f"PySceneDetect ContentDetector threshold for shot cuts (default {SHOT_THRESHOLD:g}; "
+                             "0: one shot per clip)")
+    parser.add_argument("--min-coverage", type=float, metavar="PERCENT",
+                        help="list clips whose subject is in fewer than PERCENT of the frames in errors.csv")
     parser.add_argument("--size", type=int, help="output size in pixels (default: the mode's)")
     parser.add_argument("--gray", action="store_true", help="single-channel crops (and LMDB)")
     sampling = parser.add_mutually_exclusive_group()
@@ -37,5 +53,7 @@ def run(args):
     preprocess(args.out, videos=args.videos, images=args.images, labels=args.labels, label_map=args.label_map,
                aligned=args.aligned, mode=args.mode, size=args.size, gray=args.gray, fps=args.fps,
                every=args.every, max_frames=args.max_frames, workers=args.workers, lmdb=args.lmdb,
-               split=args.split, dsn_frames=args.dsn_frames)
+               split=args.split, dsn_frames=args.dsn_frames, subject=args.subject, detect=args.detect,
+               redetect_every=args.redetect_every, shot_threshold=args.shot_threshold,
+               min_coverage=args.min_coverage)
     return 0

@@ -1,38 +1,52 @@
 """The `preprocess` stage: video clips (or face images) -> aligned face crops, manifest, Caffe lists, LMDB.
 
-Per clip: decode (emotiw.face.video), detect faces with MTCNN (emotiw.face.mtcnn), keep the main subject
-(emotiw.face.track), crop it (emotiw.face.align) into `OUT/faces/<split>/<clip>/<frame:06d>.png`, then write
-the clip's manifest rows to `OUT/clips/<split>/<clip>.csv`: that file marks the clip finished, so
-a killed run started again skips it. At the end the parts are merged into `OUT/manifest.csv`, and
-`OUT/lists/`, `OUT/errors.csv`, `OUT/summary.json` (and with --lmdb `OUT/lmdb/`) are rewritten.
+Per clip, two passes over the video, so that long clips never sit in memory:
+  1. decode at the source resolution, number the shots (emotiw.face.shots), find the faces
+     (emotiw.face.clip: MTCNN on every frame, or tracked), then choose the subject (emotiw.face.track);
+  2. decode again (1024 wide in dsn mode, as DSN's frames were) and crop the subject's frames
+     (emotiw.face.align) into `OUT/faces/<split>/<clip>/<frame:06d>.png`.
+Decoding runs in a thread ahead of detection and cropping, and PNGs are written by another, so one
+clip keeps both cores busy. The clip's faces go to `OUT/detections/<split>/<clip>.csv`, its sizes to
+`OUT/clips/<split>/<clip>.json`, and last its manifest rows to `OUT/clips/<split>/<clip>.csv`: that
+file marks the clip finished, so a killed run started again skips it. At the end the parts are
+merged into `OUT/manifest.csv`, `OUT/detections.csv` and `OUT/preprocess.json`, and `OUT/lists/`,
+`OUT/errors.csv`, `OUT/summary.json` (and with --lmdb `OUT/lmdb/`) are rewritten. Boxes and
+landmarks in the outputs are in source pixels: the video's own pixel grid, upright.
 """
 
 import csv
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
-from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from emotiw.errors import UserError
 from emotiw.face.align import MODES, align_face, crop_mode, resize_whole
-from emotiw.face.mtcnn import FACENET, LANDMARK_NAMES, FaceDetector
-from emotiw.face.track import facenet_choice, subject_detections
-from emotiw.face.video import VideoError, check_sampling, iter_frames, save_png, write_dsn_frames
+from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY, find_faces
+from emotiw.face.mtcnn import FACENET, LANDMARK_NAMES, Detections, FaceDetector
+from emotiw.face.shots import SHOT_THRESHOLD, ShotDetector
+from emotiw.face.track import SUBJECT_RULES, choose_subject
+from emotiw.face.video import (DSN_FRAME_WIDTH, VideoError, check_sampling, display_size, iter_frames, probe,
+                               save_png, write_dsn_frames)
 from emotiw.formats.db import build_lmdb
 from emotiw.formats.files import atomic_open, atomic_write_text
 from emotiw.formats.lists import write_lists
 from emotiw.inputs import Problem, discover
 
-MANIFEST_COLUMNS = (["split", "clip", "label", "frame", "time", "detected", "score", "x1", "y1", "x2", "y2"]
-                    + [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
-                    + ["track", "crop"])
+BOX_COLUMNS = ["score", "x1", "y1", "x2", "y2"] + [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
+MANIFEST_COLUMNS = ["split", "clip", "label", "frame", "time", "shot", "detected", *BOX_COLUMNS, "track", "crop"]
+DETECTION_COLUMNS = ["split", "clip", "frame", "time", "shot", "face", *BOX_COLUMNS, "track", "subject"]
 ERROR_COLUMNS = ["input", "split", "clip", "source", "message"]
-DETECT_BATCH = 8  # frames per detector call
-DSN_VIDEO_WIDTH = 1024  # DSN detected faces on frames extracted 1024 wide (see emotiw.face.video)
+DEFAULT_SUBJECT = {"dsn": "facenet", "sse": "track"}
+PREFETCH_FRAMES = 8  # decoded frames waiting for detection or cropping
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,10 @@ class Settings:
     every: int | None
     max_frames: int | None
     aligned: bool
+    subject: str = "facenet"
+    detect: str = "tracked"
+    redetect_every: int = REDETECT_EVERY
+    shot_threshold: float = SHOT_THRESHOLD
     # facenet's MTCNN settings, which DSN used (lists, as preprocess.json stores them)
     detector: dict = field(default_factory=lambda: {key: list(value) if isinstance(value, tuple) else value
                                                     for key, value in FACENET.items()})
@@ -59,6 +77,13 @@ class ClipResult:
     item: object
     frames: int = 0  # frames decoded and searched in this run
     error: str | None = None
+
+
+@dataclass
+class ClipOutput:
+    rows: list  # manifest rows
+    detections: list  # detections.csv rows
+    info: dict  # the clip's entry in preprocess.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,21 +106,43 @@ def part_path(out, item):
     return Path(out) / "clips" / item.split / f"{item.clip}.csv"
 
 
+def info_path(out, item):
+    return Path(out) / "clips" / item.split / f"{item.clip}.json"
+
+
+def detections_path(out, item):
+    return Path(out) / "detections" / item.split / f"{item.clip}.csv"
+
+
 def face_dir(out, item):
     return Path(out) / "faces" / item.split / item.clip
 
 
-def _row(item, frame, time_s, crop="", score=None, box=(), landmarks=(), track=""):
-    """One manifest row; a frame without the subject has only the first six columns filled."""
-    row = dict.fromkeys(MANIFEST_COLUMNS, "")
-    row.update(split=item.split, clip=item.clip, label=item.label, frame=frame, time=f"{time_s:.6f}",
-               detected=int(bool(crop)), track=track, crop=crop)
-    if score is not None:
-        row["score"] = f"{score:.6f}"
+def _face_columns(score, box, landmarks):
+    row = {"score": f"{score:.6f}"}
     row.update(zip(("x1", "y1", "x2", "y2"), (f"{value:.2f}" for value in box)))
     for name, (x, y) in zip(LANDMARK_NAMES, landmarks):
         row[f"{name}_x"], row[f"{name}_y"] = f"{x:.2f}", f"{y:.2f}"
     return row
+
+
+def _row(item, frame, time_s, shot=0, crop="", face=None, track=""):
+    """One manifest row; `face` (score, box, landmarks) only where the subject was found."""
+    row = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row.update(split=item.split, clip=item.clip, label=item.label, frame=frame, time=f"{time_s:.6f}",
+               shot=shot, detected=int(bool(crop)), track=track, crop=crop)
+    if face is not None:
+        row.update(_face_columns(*face))
+    return row
+
+
+def _detection_rows(item, frame, time_s, shot, faces, track_ids, subject):
+    rows = []
+    for k, (score, box, landmarks) in enumerate(zip(faces.scores, faces.boxes, faces.landmarks)):
+        rows.append({"split": item.split, "clip": item.clip, "frame": frame, "time": f"{time_s:.6f}",
+                     "shot": shot, "face": k, **_face_columns(score, box, landmarks), "track": track_ids[k],
+                     "subject": int(k == subject)})
+    return rows
 
 
 def _save_face(out, item, frame_index, face):
@@ -104,51 +151,107 @@ def _save_face(out, item, frame_index, face):
     return crop.relative_to(out).as_posix()
 
 
-def _chunks(iterable, size):
-    chunk = []
-    for element in iterable:
-        chunk.append(element)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _crop_and_save(out, item, frame_index, image, box, landmarks, settings):
+    return _save_face(out, item, frame_index, align_face(image, box, landmarks, settings.crop_mode, settings.gray))
 
 
-def _video_frames(item, settings):
-    width = DSN_VIDEO_WIDTH if settings.mode == "dsn" else None
-    return iter_frames(item.source, fps=settings.fps, every=settings.every,
-                       max_frames=settings.max_frames, width=width)
+def prefetched(iterable, depth=PREFETCH_FRAMES):
+    """Runs `iterable` in a background thread, up to `depth` items ahead. Decoding then overlaps
+    detection and cropping: PyAV, OpenCV and numpy release the GIL in their heavy loops."""
+    items = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for element in iterable:
+                items.put((element, None))
+                if stop.is_set():
+                    break
+            items.put((end, None))
+        except BaseException as error:  # re-raised in the consumer
+            items.put((end, error))
+        finally:
+            getattr(iterable, "close", lambda: None)()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            element, error = items.get()
+            if element is end:
+                if error is not None:
+                    raise error
+                return
+            yield element
+    finally:  # a consumer that stops early: let the producer finish its last put and exit
+        stop.set()
+        while thread.is_alive():
+            try:
+                items.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _video_frames(item, settings, width=None):
+    return prefetched(iter_frames(item.source, fps=settings.fps, every=settings.every,
+                                  max_frames=settings.max_frames, width=width))
+
+
+def _scaled(points, factors):
+    return np.asarray(points, dtype=np.float64) * np.resize(factors, np.shape(points)[-1])
 
 
 def process_video(item, out, settings, progress):
-    """Two passes over the clip, so that long videos never sit in memory: detect on every kept
-    frame, choose the subject's track, then decode again and crop the subject's frames."""
-    found = []  # (frame index, time, Detections)
-    for chunk in _chunks(_video_frames(item, settings), DETECT_BATCH):
-        detections = detector(settings).detect_batch([frame.image for frame in chunk])
-        found += [(frame.index, frame.time, d) for frame, d in zip(chunk, detections)]
-        progress(len(chunk))
-    subject, chosen = subject_detections([d.boxes for _, _, d in found])
-    faces = {}
-    wanted = {index: (d, k) for (index, _, d), k in zip(found, chosen) if k is not None}
-    if wanted:
-        for frame in _video_frames(item, settings):
-            if frame.index in wanted:
-                d, k = wanted[frame.index]
-                face = align_face(frame.image, d.boxes[k], d.landmarks[k], settings.crop_mode, settings.gray)
-                faces[frame.index] = _save_face(out, item, frame.index, face)
-                if len(faces) == len(wanted):
-                    break
-    rows = []
-    for index, time_s, d in found:
-        if index in wanted:
-            k = wanted[index][1]
-            rows.append(_row(item, index, time_s, faces[index], d.scores[k], d.boxes[k], d.landmarks[k],
-                             subject.track_id))
+    info = probe(item.source)
+    detect_size = display_size(info)
+    source_size = info.source_size
+    shots = ShotDetector(settings.shot_threshold, frame_rate=float(info.frame_rate or 25))
+    found = []
+    for faces in find_faces(_video_frames(item, settings), detector(settings), settings.detect,
+                            settings.redetect_every, shots):
+        found.append(faces)
+        progress(1)
+    subject = choose_subject([f.faces.boxes for f in found], settings.subject, [f.shot for f in found],
+                             image_shape=detect_size[::-1])
+    crop_width = DSN_FRAME_WIDTH if settings.mode == "dsn" else None
+    crop_size = display_size(info, crop_width)
+    crops = _crop_subject(item, out, settings, found, subject.chosen, crop_width,
+                          np.divide(crop_size, detect_size))
+    to_source = np.divide(source_size, detect_size)
+    rows, detections = [], []
+    for f, k, track_ids in zip(found, subject.chosen, subject.track_ids):
+        faces = f.faces
+        boxes, landmarks = _scaled(faces.boxes, to_source), _scaled(faces.landmarks, to_source)
+        if k is None:
+            rows.append(_row(item, f.index, f.time, f.shot))
         else:
-            rows.append(_row(item, index, time_s))
-    return rows
+            rows.append(_row(item, f.index, f.time, f.shot, crops[f.index],
+                             (faces.scores[k], boxes[k], landmarks[k]), track_ids[k]))
+        detections += _detection_rows(item, f.index, f.time, f.shot,
+                                      Detections(boxes, faces.scores, landmarks), track_ids, k)
+    clip_info = {"source_size": list(source_size), "detect_size": list(detect_size), "crop_size": list(crop_size),
+                 "rotation": info.rotation, "frames": len(found), "shots": len({f.shot for f in found})}
+    return ClipOutput(rows, detections, clip_info)
+
+
+def _crop_subject(item, out, settings, found, chosen, width, to_crop):
+    """Pass 2: decodes the clip again at the crop resolution and writes the subject's crops;
+    returns {frame index: crop path relative to OUT}."""
+    wanted = {f.index: (f.faces, k) for f, k in zip(found, chosen) if k is not None}
+    if not wanted:
+        return {}
+    crops = {}
+    with ThreadPoolExecutor(1) as writer:
+        for frame in _video_frames(item, settings, width):
+            if frame.index in wanted:
+                faces, k = wanted[frame.index]
+                crops[frame.index] = writer.submit(
+                    _crop_and_save, out, item, frame.index, frame.image, _scaled(faces.boxes[k], to_crop),
+                    _scaled(faces.landmarks[k], to_crop), settings)
+                if len(crops) == len(wanted):
+                    break
+    return {index: future.result() for index, future in crops.items()}
 
 
 def read_image(path):
@@ -164,21 +267,28 @@ def process_image(item, out, settings, progress):
     """A still image is a one-frame clip; with several faces, facenet's choice (big and central)."""
     image = read_image(item.source)
     progress(1)
+    height, width = image.shape[:2]
+    info = {"source_size": [width, height], "detect_size": [width, height], "crop_size": [width, height],
+            "rotation": 0, "frames": 1, "shots": 1}
     if settings.aligned:
-        height, width = image.shape[:2]
         face = resize_whole(image, settings.crop_mode, settings.gray)
         crop = _save_face(out, item, 0, face)
-        return [_row(item, 0, 0.0, crop, box=(0, 0, width, height), track=0)]
-    d = detector(settings).detect(image)
-    if len(d.boxes) == 0:
-        return [_row(item, 0, 0.0)]
-    k = facenet_choice(d.boxes, image.shape)
-    face = align_face(image, d.boxes[k], d.landmarks[k], settings.crop_mode, settings.gray)
-    return [_row(item, 0, 0.0, _save_face(out, item, 0, face), d.scores[k], d.boxes[k], d.landmarks[k], 0)]
+        row = _row(item, 0, 0.0, crop=crop, track=0)
+        row.update(zip(("x1", "y1", "x2", "y2"), (f"{value:.2f}" for value in (0, 0, width, height))))
+        return ClipOutput([row], [], info)
+    faces = detector(settings).detect(image)
+    subject = choose_subject([faces.boxes], "facenet", image_shape=image.shape)
+    k, track_ids = subject.chosen[0], subject.track_ids[0]
+    detections = _detection_rows(item, 0, 0.0, 0, faces, track_ids, k)
+    if k is None:
+        return ClipOutput([_row(item, 0, 0.0)], detections, info)
+    crop = _crop_and_save(out, item, 0, image, faces.boxes[k], faces.landmarks[k], settings)
+    face = (faces.scores[k], faces.boxes[k], faces.landmarks[k])
+    return ClipOutput([_row(item, 0, 0.0, crop=crop, face=face, track=track_ids[k])], detections, info)
 
 
 def process_item(item, out, settings, kind, progress=None):
-    """Processes one clip from scratch and writes its manifest part; errors become the result's."""
+    """Processes one clip from scratch and writes its parts; errors become the result's."""
     progress = progress or _worker_progress or (lambda n: None)
     shutil.rmtree(face_dir(out, item), ignore_errors=True)  # leftovers of a killed run
     result = ClipResult(item)
@@ -189,25 +299,27 @@ def process_item(item, out, settings, kind, progress=None):
 
     try:
         process = process_video if kind == "video" else process_image
-        rows = process(item, out, settings, counted)
+        output = process(item, out, settings, counted)
     except (VideoError, UserError) as error:
         result.error = str(error)
         return result
     except Exception as error:  # a long run should not die on one clip; the message says what broke
         result.error = f"internal error ({type(error).__name__}: {error})"
         return result
-    write_rows(part_path(out, item), rows)
+    write_rows(detections_path(out, item), output.detections, DETECTION_COLUMNS)
+    atomic_write_text(info_path(out, item), json.dumps(output.info) + "\n")
+    write_rows(part_path(out, item), output.rows)  # last: marks the clip finished
     return result
 
 
-def _init_worker(queue, threads):
+def _init_worker(progress_queue, threads):
     """Each worker gets its share of the cores: N workers each running OpenCV's and OpenBLAS's
     all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS reads its variable when
     Caffe loads it, which happens later, in detector(); a value the user set is kept."""
     global _worker_progress
     import cv2
 
-    _worker_progress = queue.put
+    _worker_progress = progress_queue.put
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
     cv2.setNumThreads(threads)
 
@@ -227,17 +339,31 @@ def read_rows(path):
         return list(csv.DictReader(handle))
 
 
-def merge_parts(out):
-    """All finished clips' rows under OUT (every split, this run's and earlier ones'), sorted."""
-    rows = []
+def finished_parts(out):
+    """(split, clip, manifest part) of every finished clip under OUT, this run's and earlier ones'."""
     for part in sorted((Path(out) / "clips").glob("*/*.csv")):
-        rows += read_rows(part)
+        yield part.parent.name, part.stem, part
+
+
+def merge_parts(out):
+    """All finished clips' manifest rows, sorted."""
+    rows = [row for _, _, part in finished_parts(out) for row in read_rows(part)]
     return sorted(rows, key=lambda r: (r["split"], r["clip"], int(r["frame"])))
+
+
+def write_detections(out):
+    """OUT/detections.csv: the faces of every finished clip (a killed clip's part is left out)."""
+    with atomic_open(out / "detections.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for split, clip, _ in finished_parts(out):
+            with open(out / "detections" / split / f"{clip}.csv", newline="") as part:
+                writer.writerows(csv.DictReader(part))
 
 
 def remove_stale_temporaries(out):
     """A killed run leaves hidden temporaries behind: files from emotiw.formats.files, LMDB work folders."""
-    for folder in [out, out / "lists", *(out / "clips").glob("*")]:
+    for folder in [out, out / "lists", *(out / "clips").glob("*"), *(out / "detections").glob("*")]:
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
             tmp.unlink()
     for work in (out / "lmdb").glob(".*"):
@@ -250,11 +376,25 @@ def remove_stale_temporaries(out):
 def check_settings(out, settings):
     """OUT keeps finished clips between runs, so every run into it must use the same settings."""
     path = out / "preprocess.json"
-    wanted = json.dumps(asdict(settings), indent=2, sort_keys=True) + "\n"
-    if path.exists() and path.read_text() != wanted:
-        raise UserError(f"{out} holds crops made with other settings ({path}: "
-                        f"{json.loads(path.read_text())}); use a new --out or the same options")
-    atomic_write_text(path, wanted)
+    wanted = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as read back
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text()).get("settings")
+        except (ValueError, AttributeError):
+            stored = None
+        if stored != wanted:
+            raise UserError(f"{out} holds crops made with other settings ({path}: {stored}); "
+                            f"use a new --out or the same options")
+    else:
+        write_preprocess_json(out, settings)
+
+
+def write_preprocess_json(out, settings):
+    """OUT/preprocess.json: the settings, and each finished clip's sizes (source, detection, crops)."""
+    clips = {f"{split}/{clip}": json.loads(part.with_suffix(".json").read_text())
+             for split, clip, part in finished_parts(out)}
+    atomic_write_text(out / "preprocess.json",
+                      json.dumps({"settings": asdict(settings), "clips": clips}, indent=2, sort_keys=True) + "\n")
 
 
 def update_errors(out, input_root, problems):
@@ -276,7 +416,7 @@ def run_items(pending, out, settings, kind, workers):
     clip_bar = tqdm(total=len(pending), desc="clips", unit="clip", disable=None)
     frame_bar = tqdm(desc="frames", unit="frame", disable=None)
     try:
-        if workers <= 1:
+        if workers <= 1 or len(pending) <= 1:
             for item in pending:
                 yield process_item(item, out, settings, kind, frame_bar.update)
                 clip_bar.update()
@@ -289,12 +429,12 @@ def run_items(pending, out, settings, kind, workers):
 
 def _run_parallel(pending, out, settings, kind, workers, clip_bar, frame_bar):
     import multiprocessing
-    import queue as queues
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     # spawn: each worker imports Caffe and builds its own detector, nothing is shared by fork
     context = multiprocessing.get_context("spawn")
     progress = context.Queue()
+    workers = min(workers, len(pending))  # so that a single clip still gets every core
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(progress, threads)) as pool:
@@ -304,7 +444,7 @@ def _run_parallel(pending, out, settings, kind, workers, clip_bar, frame_bar):
             try:
                 while True:
                     frame_bar.update(progress.get_nowait())
-            except queues.Empty:
+            except queue.Empty:
                 pass
             for future in done:
                 clip_bar.update()
@@ -317,22 +457,61 @@ def print_problem(problem):
     tqdm.write(f"emotiw preprocess: {problem.split}/{problem.clip or '-'}: {problem.message}", file=sys.stderr)
 
 
-def summarise(rows, items, processed, no_face, problems, elapsed):
+def clip_coverage(rows, items):
+    """Per (split, clip) of `items` with rows: frames, frames with the subject, shots, shots with it."""
     mine = {(i.split, i.clip) for i in items}
-    rows = [r for r in rows if (r["split"], r["clip"]) in mine]
-    faces = sum(int(r["detected"]) for r in rows)
+    coverage = {}
+    for row in rows:
+        key = row["split"], row["clip"]
+        if key in mine:
+            clip = coverage.setdefault(key, {"frames": 0, "faces": 0, "shots": set(), "shots_with_face": set()})
+            clip["frames"] += 1
+            clip["shots"].add(row["shot"])
+            if row["detected"] == "1":
+                clip["faces"] += 1
+                clip["shots_with_face"].add(row["shot"])
+    for clip in coverage.values():
+        clip["shots"], clip["shots_with_face"] = len(clip["shots"]), len(clip["shots_with_face"])
+        clip["coverage_percent"] = round(100.0 * clip["faces"] / clip["frames"], 2)
+    return coverage
+
+
+def coverage_problems(coverage, items, min_coverage):
+    """A line for each clip without any face, and with min_coverage for each clip below it."""
+    problems = []
+    for item in items:
+        clip = coverage.get((item.split, item.clip))
+        if clip is None:
+            continue
+        if clip["faces"] == 0:
+            shots = f" ({clip['shots']} shots)" if clip["shots"] > 1 else ""
+            problems.append(Problem(item.split, item.clip, str(item.source),
+                                    f"no face found in any of its {clip['frames']} frames{shots}"))
+        elif min_coverage is not None and clip["coverage_percent"] < min_coverage:
+            problems.append(Problem(item.split, item.clip, str(item.source),
+                                    f"the subject is in {clip['coverage_percent']}% of the frames "
+                                    f"({clip['faces']} of {clip['frames']}; {clip['shots_with_face']} of "
+                                    f"{clip['shots']} shots), below --min-coverage {min_coverage}%"))
+    return problems
+
+
+def summarise(items, coverage, processed, problems, elapsed):
+    frames = sum(clip["frames"] for clip in coverage.values())
+    faces = sum(clip["faces"] for clip in coverage.values())
     frames_processed = sum(r.frames for r in processed)
     return {
         "clips": len(items),
         "clips_processed_now": len(processed),
         "clips_failed": sum(1 for r in processed if r.error),
-        "clips_without_face": len(no_face),
+        "clips_without_face": sum(1 for clip in coverage.values() if clip["faces"] == 0),
         "errors": len(problems),
-        "frames": len(rows),
+        "frames": frames,
         "faces": faces,
-        "faces_found_percent": round(100.0 * faces / len(rows), 2) if rows else 0.0,
+        "faces_found_percent": round(100.0 * faces / frames, 2) if frames else 0.0,
         "elapsed_s": round(elapsed, 2),
         "frames_per_s": round(frames_processed / elapsed, 2) if elapsed > 0 else 0.0,
+        "coverage_percent": {f"{split}/{clip}": figures["coverage_percent"]
+                             for (split, clip), figures in sorted(coverage.items())},
     }
 
 
@@ -343,12 +522,27 @@ class PreprocessResult:
     summary: dict
     problems: list  # Problem rows of errors.csv from this input folder
     manifest: Path | None = None
+    detections: Path | None = None
     lists: dict = field(default_factory=dict)  # split -> lists/<split>.txt
+
+
+def check_options(size, workers, subject, detect, redetect_every, shot_threshold, min_coverage):
+    if (size is not None and size < 1) or workers < 1 or redetect_every < 1:
+        raise UserError("--size, --workers and --redetect-every must be positive")
+    if subject is not None and subject not in SUBJECT_RULES:
+        raise UserError(f"--subject must be one of {', '.join(SUBJECT_RULES)}, got {subject!r}")
+    if detect not in DETECT_MODES:
+        raise UserError(f"--detect must be one of {', '.join(DETECT_MODES)}, got {detect!r}")
+    if not shot_threshold >= 0:
+        raise UserError(f"--shot-threshold must be >= 0 (0: no shot detection), got {shot_threshold}")
+    if min_coverage is not None and not 0 <= min_coverage <= 100:
+        raise UserError(f"--min-coverage is a percentage, 0 to 100, got {min_coverage}")
 
 
 def preprocess(out, videos=None, images=None, labels=None, label_map="afew", aligned=False, mode="dsn",
                size=None, gray=False, fps=None, every=None, max_frames=None, workers=1, lmdb=False, split=None,
-               dsn_frames=False) -> PreprocessResult:
+               dsn_frames=False, subject=None, detect="tracked", redetect_every=REDETECT_EVERY,
+               shot_threshold=SHOT_THRESHOLD, min_coverage=None) -> PreprocessResult:
     """Video clips (or still face images) -> MTCNN faces -> the subject's aligned crops and Caffe lists.
 
     out: the output folder; a run into it again resumes (same settings only). videos: an AFEW-style
@@ -359,7 +553,12 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     warp, 128x128); size: the crop side (default the mode's); gray: one-channel crops; fps / every /
     max_frames: frame sampling; workers: clips processed in parallel; lmdb: also an LMDB and its mean
     per split; split: the split name (default the input folder's name); dsn_frames: only write every
-    frame 1024 wide as DSN's extract_frames.py did.
+    frame 1024 wide as DSN's extract_frames.py did; subject: facenet (the big central face of every
+    frame; dsn's default) or track (the longest track of every shot; sse's default); detect:
+    every-frame or tracked (full MTCNN at shot starts and every `redetect_every` frames, the
+    neighbourhood of the previous faces between); shot_threshold: PySceneDetect's ContentDetector
+    threshold (0: no shot detection); min_coverage: clips whose subject is in fewer than this
+    percentage of frames get a line in errors.csv.
     """
     started = time.monotonic()
     out = Path(out)
@@ -369,11 +568,11 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
         return dsn_frames_only(out, videos, labels, label_map, split, started)
     if images is None and aligned:
         raise UserError("--aligned applies to --images (already-aligned face crops), not to --videos")
-    if (size is not None and size < 1) or workers < 1:
-        raise UserError("--size and --workers must be positive")
+    check_options(size, workers, subject, detect, redetect_every, shot_threshold, min_coverage)
     check_sampling(fps, every, max_frames)
     settings = Settings(mode=mode, size=size or MODES[mode].size, gray=gray, fps=fps, every=every,
-                        max_frames=max_frames, aligned=aligned)
+                        max_frames=max_frames, aligned=aligned, subject=subject or DEFAULT_SUBJECT[mode],
+                        detect=detect, redetect_every=redetect_every, shot_threshold=float(shot_threshold))
     kind = "image" if images else "video"
     root = Path(images or videos)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,38 +590,42 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
             print_problem(problems[-1])
     rows = merge_parts(out)
     write_rows(out / "manifest.csv", rows)
+    write_detections(out)
+    write_preprocess_json(out, settings)
     lists = write_lists(out, rows)
-    no_face = _clips_without_face(rows, items)
+    coverage = clip_coverage(rows, items)
+    found = coverage_problems(coverage, items, min_coverage)
     processed_now = {(r.item.split, r.item.clip) for r in processed}
-    for problem in no_face:
+    for problem in found:
         if (problem.split, problem.clip) in processed_now:  # earlier runs reported the others
             print_problem(problem)
-    problems += no_face
+    problems += found
     update_errors(out, str(root.resolve()), problems)
     if lmdb:
         for name in sorted({item.split for item in items}):
             list_path = out / "lists" / f"{name}.txt"
             if list_path.exists():
                 build_lmdb(list_path, out, name, settings.gray)
-    summary = summarise(rows, items, processed, no_face, problems, time.monotonic() - started)
+    summary = summarise(items, coverage, processed, problems, time.monotonic() - started)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print_summary(summary, out)
+    print_summary(summary, coverage, out)
     if summary["clips"] - summary["clips_failed"] - summary["clips_without_face"] <= 0:
         raise UserError(f"no clip gave a face crop; see {out / 'errors.csv'}")
     return PreprocessResult(out=out, summary=summary, problems=problems, manifest=out / "manifest.csv",
-                            lists=lists)
+                            detections=out / "detections.csv", lists=lists)
 
 
-def _clips_without_face(rows, items):
-    frames, faces = Counter(), Counter()
-    for row in rows:
-        frames[row["split"], row["clip"]] += 1
-        faces[row["split"], row["clip"]] += row["detected"] == "1"
-    return [Problem(i.split, i.clip, str(i.source), f"no face found in any of its {frames[i.split, i.clip]} frames")
-            for i in items if frames[i.split, i.clip] and not faces[i.split, i.clip]]
+COVERAGE_LINES = 20  # clips whose coverage is printed, lowest first
 
 
-def print_summary(summary, out):
+def print_summary(summary, coverage, out):
+    shown = sorted((figures["coverage_percent"], key) for key, figures in coverage.items())
+    for percent, (split, clip) in shown[:COVERAGE_LINES]:
+        figures = coverage[split, clip]
+        print(f"  {split}/{clip}: subject in {percent}% of {figures['frames']} frames "
+              f"({figures['shots_with_face']} of {figures['shots']} shots)")
+    if len(shown) > COVERAGE_LINES:
+        print(f"  ... {len(shown) - COVERAGE_LINES} more clips (the lowest coverage first), all in {out / 'summary.json'}")
     print(f"clips {summary['clips']} ({summary['clips_processed_now']} processed now, "
           f"{summary['clips_failed']} failed, {summary['clips_without_face']} without a face, "
           f"{summary['errors']} errors); "
