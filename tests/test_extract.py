@@ -223,7 +223,25 @@ def test_leveldb2mat_names_a_missing_or_foreign_store(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "file.txt").write_text("x")
     assert main(["leveldb2mat", str(tmp_path / "plain"), "1", "1", "7", str(tmp_path / "f.mat")]) == 2
-    assert "is not a LevelDB" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a LevelDB" in err and "--lmdb" not in err
+    assert [path.name for path in (tmp_path / "plain").iterdir()] == ["file.txt"]  # no LOCK or LOG left
+
+
+def test_leveldb2mat_says_a_store_is_locked_not_that_it_is_an_lmdb(tmp_path, capsys):
+    entries, _ = good_entries(2)
+    store = write_leveldb(tmp_path / "db", entries)
+    holder = subprocess.Popen([sys.executable, "-c", "import plyvel, sys; db = plyvel.DB(sys.argv[1]); "
+                               "print('open', flush=True); sys.stdin.read()", str(store)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        assert main(["leveldb2mat", str(store), "1", "2", "7", str(tmp_path / "f.mat")]) == 2
+    finally:
+        holder.communicate("")
+    err = capsys.readouterr().err
+    assert "is locked by another process" in err and "--lmdb" not in err
+    assert main(["leveldb2mat", str(store), "1", "2", "7", str(tmp_path / "f.mat")]) == 0  # once it is free
 
 
 def test_v73_mat_is_matlab_hdf5(tmp_path, setup):

@@ -10,8 +10,9 @@ import scipy.special
 
 from emotiw import EMOTIONS
 from emotiw.cli import main
+from emotiw.errors import UserError
 from emotiw.formats.scores import read_scores, write_predictions_csv, write_scores_txt
-from emotiw.stages.fuse import search_weights
+from emotiw.stages.fuse import MAX_WEIGHT_VECTORS, search_weights, weight_vectors
 
 SSE = Path(__file__).resolve().parents[2] / "shared" / "sse-submitted-predictions"
 SSE_FILES = ["1_sse_resnet_model_predictions.txt", "2_sse_densenet_model_predictions.txt",
@@ -228,6 +229,41 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert expected in err
     assert not (tmp_path / "out" / "scores.txt").exists()
+
+
+@pytest.mark.parametrize("weights", [("nan", "1"), ("1", "nan"), ("inf", "1"), ("1", "inf")])
+def test_weights_that_are_not_finite_are_refused(tmp_path, capsys, weights):
+    code, _, err = run_fuse(capsys, *write_stack(tmp_path, random_stack(2, 4, seed=12)), "--weights", *weights,
+                            "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "every weight must be a finite number" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_huge_weights_are_normalised_without_overflow(tmp_path, capsys):
+    stack = random_stack(2, 6, seed=13)
+    code, _, err = run_fuse(capsys, *write_stack(tmp_path, stack), "--weights", "1e308", "1.5e308",
+                            "--out", tmp_path / "out")
+    assert code == 0, err
+    np.testing.assert_allclose(read_scores(tmp_path / "out" / "scores.txt").scores,
+                               (stack[0] + 1.5 * stack[1]) / 2.5, rtol=1e-5)
+    summary = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    assert [model["unit_weight"] for model in summary["models"]] == pytest.approx([0.4, 0.6])
+
+
+@pytest.mark.parametrize("models, step, fits", [(2, 1e-9, 2e-06), (5, 0.01, 0.02), (7, 1e-7, 1e-05),
+                                                (2, 5e-324, 2e-06)])
+def test_a_step_too_fine_for_memory_is_refused_with_one_that_fits(tmp_path, capsys, models, step, fits):
+    stack = random_stack(models, 6, seed=14)
+    files = write_stack(tmp_path, stack)
+    labels = write_list(tmp_path / "val.txt", [f"c{index}" for index in range(6)], stack[0].argmax(axis=1))
+    code, _, err = run_fuse(capsys, *files, "--search", "--val-scores", *files, "--val-labels", labels,
+                            "--step", step, "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"over the limit of 1,000,000; use --step {fits} or larger" in err
+    assert weight_vectors(models, round(1 / fits)) <= MAX_WEIGHT_VECTORS  # the suggestion fits
+    with pytest.raises(UserError, match="over the limit"):
+        search_weights(stack, stack[0].argmax(axis=1), step=step)
 
 
 def test_mat_variable_can_be_named_on_the_command_line(tmp_path, capsys):

@@ -289,12 +289,6 @@ def test_aligned_images_with_a_csv_of_names_are_only_resized(rafdb, tmp_path):
     assert sorted(d.label for d in datums) == sorted(int(r["label"]) for r in rows)
 
 
-def test_missing_input_folder_is_an_error_line_and_a_failed_run(tmp_path):
-    assert preprocess(tmp_path / "nowhere", tmp_path / "out") == 2
-    (error,) = read_csv(tmp_path / "out" / "errors.csv")
-    assert "missing directory" in error["message"]
-
-
 @pytest.mark.parametrize("options, message", [
     (["--every", "0"], "--every >= 1"),
     (["--aligned"], "--aligned applies to --images"),

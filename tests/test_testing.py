@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import media
 import numpy as np
 import pytest
 
@@ -298,6 +299,69 @@ def test_unlabelled_list_has_scores_but_no_accuracy(tmp_path):
     assert not (out / "confusion.png").exists()
     assert [row["label"] for row in read_csv(out / "predictions.csv")] == ["-1", "-1"]
     assert read_scores(out / "scores.txt").scores.shape == (2, len(EMOTIONS))
+
+
+def test_unlabelled_clips_from_preprocess_are_not_scored_as_angry(tmp_path, capsys):
+    """A flat folder of clips has no labels: the per-video list keeps -1 (the Caffe frame list has
+    0, which ImageData needs), and `test` reports no accuracy instead of 0.0000 against Angry."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    media.moving_face_clip(clips / "001.mp4", frames=4)
+    faces = tmp_path / "faces"
+    assert main(["preprocess", "--videos", str(clips), "--out", str(faces), "--mode", "sse",
+                 "--split", "test", "--max-frames", "2"]) == 0
+    videos = faces / "lists" / "test_videos.txt"
+    assert [line.rsplit(" ", 1)[1] for line in videos.read_text().splitlines()] == ["-1"]
+    assert all(line.endswith(" 0") for line in (faces / "lists" / "test.txt").read_text().splitlines())
+    deploy, weights = deploy_net(tmp_path / "net", side=32, seed=11)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(out), "--preprocess", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "no labels: accuracy not computed" in printed and "accuracy 0" not in printed
+    assert [row["label"] for row in read_csv(out / "predictions.csv")] == ["-1"]
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] is None
+
+
+@pytest.mark.parametrize("problem", ["missing", "unreadable"])
+def test_a_list_without_any_face_frame_is_an_error(tmp_path, capsys, problem):
+    deploy, weights = deploy_net(tmp_path / "net", side=32, seed=12)
+    if problem == "missing":  # e.g. relative folders, run from the wrong directory
+        lines = [f"gone/clip{index} {index}" for index in range(3)]
+        expected = "none of the 3 clips of"
+    else:
+        lines = make_clips(tmp_path / "faces", [2, 1], size=(32, 32), seed=12)
+        for frame in (tmp_path / "faces").rglob("*.png"):
+            frame.write_bytes(b"not an image")
+        expected = "none of the 3 frame images"
+    videos = write_list(tmp_path / "v.txt", lines)
+    code = main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
+                 "--out", str(tmp_path / "out"), "--preprocess", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out" / "scores.txt").exists() and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_weights_cut_at_a_layer_boundary_are_refused_unless_allowed(tmp_path, capsys):
+    """A download cut between two layers still parses: it loads the first layers and leaves the
+    others at random filler weights, which `test` must not score with silently."""
+    deploy, weights = deploy_net(tmp_path / "net", side=32, seed=13)
+    whole = caffe.proto.caffe_pb2.NetParameter.FromString(weights.read_bytes())
+    names = [layer.name for layer in whole.layer]
+    cut = caffe.proto.caffe_pb2.NetParameter(name=whole.name, layer=whole.layer[:names.index("conv") + 1])
+    truncated = tmp_path / "truncated.caffemodel"
+    truncated.write_bytes(cut.SerializeToString())
+    assert weights.read_bytes().startswith(truncated.read_bytes())  # a prefix of the real file
+    videos = write_list(tmp_path / "v.txt", make_clips(tmp_path / "faces", [1], size=(32, 32), seed=13))
+    command = ["test", "--net", str(deploy), "--weights", str(truncated), "--videos", str(videos),
+               "--preprocess", "none"]
+    assert main([*command, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "random filler weights, first 'fc'" in err[0] and "--allow-partial" in err[0]
+    assert not (tmp_path / "refused").exists()
+    assert main([*command, "--out", str(tmp_path / "allowed"), "--allow-partial"]) == 0
+    assert "warning: PARTIAL: 1 of 2 layers" in capsys.readouterr().err
 
 
 class InterruptAfter:

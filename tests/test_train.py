@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from emotiw.caffe.log import TrainingCurves
-from emotiw.cli import main
+from emotiw.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 NET = "sse_holonet_3conv-s_concat"
@@ -92,39 +93,142 @@ def test_sources_go_into_the_run_directory_not_the_committed_prototxt(lists, tra
     assert train_list not in committed.read_text()
 
 
-def test_resume_continues_from_the_newest_solverstate(lists, trained, tmp_path):
+def curve_rows(out):
+    return list(csv.DictReader((out / "curves.csv").open()))
+
+
+def test_resume_continues_from_the_newest_solverstate_and_appends_to_the_curves(lists, trained, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "snapshots").mkdir()
     for suffix in ("caffemodel", "solverstate"):
         source = trained / "snapshots" / f"{NET}_iter_6.{suffix}"
         (out / "snapshots" / source.name).write_bytes(source.read_bytes())
+    before = curve_rows(trained)
+    # a row after the resume point (from a longer run the resume abandons) must go
+    with (out / "curves.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["iteration", "phase", "name", "value"])
+        writer.writeheader()
+        writer.writerows([*before, {"iteration": 7, "phase": "train", "name": "total_loss", "value": 123456}])
     assert main(train_args(*lists, out, "--max-iter", "8", "--resume")) == 0
     log = (out / "train.log").read_text()
     assert "Resuming from" in log
     assert (out / "snapshots" / f"{NET}_iter_8.caffemodel").exists()
+    rows = curve_rows(out)
+    total = [int(r["iteration"]) for r in rows if r["name"] == "total_loss"]
+    assert total == list(range(8))  # 0..5 from the first run, 6 and 7 from the resumed one
+    assert "123456" not in {r["value"] for r in rows}
+    assert [r for r in rows if int(r["iteration"]) < 6] == [r for r in before if int(r["iteration"]) < 6]
+    def tests(table):
+        return [int(r["iteration"]) for r in table if r["phase"] == "test" and r["name"] == "accuracy"]
+
+    assert set(tests(rows)) == {0, 3, 6}
+    assert tests(rows) == tests(before)  # iteration 6's test is logged again on resume, and kept once
+    assert (out / "curves.png").stat().st_size > 0
 
 
-def test_sigterm_snapshots_then_stops(lists, tmp_path):
-    out = tmp_path / "stopped"
-    process = subprocess.Popen([EMOTIW, *train_args(*lists, out, "--max-iter", "100000", "--snapshot", "0")],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_skip_image_check_without_mean_trains_on_a_list(lists, trained, tmp_path, capsys):
+    """The net used a mean file we do not have: the mean colour of the (sampled) training images
+    stands in, not compute_image_mean, which reads LMDBs only."""
+    out = tmp_path / "skipped"
+    assert main(train_args(*lists, out, "--max-iter", "1", "--skip-image-check")) == 0
+    assert "subtracting the mean colour of 14 training images" in capsys.readouterr().out
+
+    def means(run):
+        return [line for line in (run / "train_val.prototxt").read_text().splitlines() if "mean_value" in line]
+
+    assert means(out) and means(out) == means(trained)  # all 14 images: the checked run's mean
+
+
+def start_training(args, out, logged="Iteration 2 "):
+    """`emotiw train` in its own process group, once caffe has logged `logged`."""
+    process = subprocess.Popen([EMOTIW, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     log = out / "train.log"
     deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "Iteration 2 " in log.read_text()):
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    snapshots = list((out / "snapshots").glob("*.caffemodel"))
-    assert snapshots, output
-    assert "Optimization stopped early" in log.read_text()
+    try:
+        while not (log.exists() and logged in log.read_text()):
+            assert process.poll() is None, process.communicate()
+            assert time.time() < deadline, f"no {logged!r} in {log} after 120 s"
+            time.sleep(0.2)
+    except AssertionError:
+        os.killpg(process.pid, signal.SIGKILL)  # the test's own emotiw and caffe
+        raise
+    return process
 
 
-@pytest.mark.parametrize("problem", ["missing", "empty", "unreadable", "label"])
+def children(pid):
+    """Process ids whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid):
+    """Alive and not a zombie (a container's init may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how, code, what", [("SIGTERM", 143, "SIGTERM"), ("Ctrl-C", 130, "Ctrl-C")])
+def test_a_signal_snapshots_stops_caffe_and_says_how_to_resume(lists, tmp_path, how, code, what):
+    out = tmp_path / "stopped"
+    args = train_args(*lists, out, "--max-iter", "100000", "--snapshot", "0")
+    process = start_training(args, out)
+    caffe = children(process.pid)
+    assert len(caffe) == 1
+    if how == "SIGTERM":  # what schedulers and `timeout` send
+        process.send_signal(signal.SIGTERM)
+    else:  # Ctrl-C in a terminal: SIGINT to the whole foreground process group
+        os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"emotiw train: stopped by {what}: training stopped at iteration ")
+    assert not running(caffe[0])
+    assert "Optimization stopped early" in (out / "train.log").read_text()
+    iteration = int(lines[0].split("iteration ", 1)[1].split()[0])
+    assert iteration >= 2 and (out / "snapshots" / f"{NET}_iter_{iteration}.solverstate").exists()
+    assert (out / "snapshots" / f"{NET}_iter_{iteration}.caffemodel").exists()
+    # the resume command is this command plus --resume, word for word
+    resume = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert resume[:2] == ["emotiw", "train"]
+    assert vars(build_parser().parse_args(resume[1:])) == {**vars(build_parser().parse_args(args)), "resume": True}
+
+
+def test_sigkill_of_emotiw_takes_caffe_along(lists, tmp_path):
+    # caffe trains silently after its first test (no display, no further test): a caffe that wrote
+    # would die of SIGPIPE anyway; this one goes only because it gets a signal when emotiw dies
+    out = tmp_path / "killed"
+    args = train_args(*lists, out, "--max-iter", "100000", "--snapshot", "0", "--display", "0",
+                      "--test-interval", "100000")
+    process = start_training(args, out, logged="Test net output")
+    caffe = children(process.pid)
+    assert len(caffe) == 1
+    process.kill()
+    process.communicate(timeout=60)
+    deadline = time.time() + 30
+    while running(caffe[0]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(caffe[0])
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "unreadable", "label", "missing image"])
 def test_bad_lists_fail_with_one_line(lists, tmp_path, problem):
     train, val = lists
     bad = tmp_path / "bad.txt"
-    if problem == "empty":
+    if problem == "missing image":  # OpenCV's own `[ WARN ] imread_(...)` line must not come first
+        bad.write_text(f"{tmp_path / 'gone.png'} 0\n")
+    elif problem == "empty":
         bad.write_text("")
     elif problem == "unreadable":
         broken = tmp_path / "broken.png"
@@ -138,7 +242,7 @@ def test_bad_lists_fail_with_one_line(lists, tmp_path, problem):
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and "Traceback" not in result.stderr, result.stderr
     assert {"missing": "not found", "empty": "empty", "unreadable": "not a readable image",
-            "label": "outside 0..6"}[problem] in message[0]
+            "label": "outside 0..6", "missing image": "gone.png is not found"}[problem] in message[0]
 
 
 def test_weights_for_another_net_are_refused(lists, tmp_path):

@@ -90,7 +90,7 @@ def test_broken_files_raise_a_clear_error(clips, tmp_path):
         empty: "empty file",
         media.corrupt_file(tmp_path / "random.mp4"): "not a video",
         text: "not a video",
-        media.truncated_copy(paths[".mp4"], tmp_path / "cut.mp4"): "not a video",
+        media.truncated_copy(paths[".mp4"], tmp_path / "cut.mp4"): "truncated or damaged MP4/QuickTime file",
         media.truncated_copy(paths[".avi"], tmp_path / "cut.avi", keep=0.6): "truncated",
         tmp_path / "missing.avi": "no such file",
     }

@@ -172,6 +172,11 @@ def test_cli_report_and_exit_status(resnet50_file, capsys):
     assert "shape mismatch: conv1" in capsys.readouterr().out
 
 
+def test_cli_exit_status_1_when_nothing_loads(dsn_vgg_file, capsys):
+    assert main(["weights", "report", "densenet121", "--weights", str(dsn_vgg_file)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("NOTHING LOADED")
+
+
 def test_cli_bad_file_is_one_line_and_status_2(tmp_path):
     bad = tmp_path / "x.caffemodel"
     bad.write_bytes(b"\x08\x96")

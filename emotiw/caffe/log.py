@@ -66,6 +66,15 @@ class TrainingCurves:
         value, iteration = max(scores, key=lambda item: (item[0], -item[1]))
         return iteration, value
 
+    def add_row(self, iteration, phase, name, value):
+        """Takes back one row of `rows()`, as an earlier run wrote it to curves.csv."""
+        if phase == "test":
+            self.test.append((iteration, name, value))
+        elif name == "lr":
+            self.learning_rate.append((iteration, value))
+        else:
+            self.train.append((iteration, name, value))
+
     def rows(self):
         """All values as CSV rows: iteration, phase, name, value."""
         out = [(i, "train", name, v) for i, name, v in self.train]

@@ -1,5 +1,6 @@
 """Running Caffe's binaries (caffe, extract_features, convert_imageset, compute_image_mean) the same
-way everywhere: the tool found in the venv, glog to a log file or captured, one line when it fails."""
+way everywhere: the tool found in the venv, glog to a log file or captured, one line when it fails,
+and never outliving emotiw (each child gets SIGTERM when emotiw ends, even by SIGKILL)."""
 
 import os
 import shlex
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from emotiw.caffe.env import caffe_tool
 from emotiw.errors import UserError
+from emotiw.processes import die_with_parent
 
 
 def first_fatal_line(log_text):
@@ -27,7 +29,7 @@ def tool_command(name, *args):
 def run_tool(name, *args):
     """Runs a tool to completion with its output captured; a failure is a UserError with Caffe's reason."""
     command = tool_command(name, *args)
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
     if result.returncode != 0:
         reason = first_fatal_line(result.stderr or result.stdout)
         raise UserError(f"{name} failed (exit {result.returncode}): {reason}")
@@ -38,7 +40,7 @@ def start_logged(command, log_level="1"):
     """Starts a tool whose glog lines (stdout and stderr together) are read as they come."""
     env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel=log_level)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            bufsize=1)
+                            bufsize=1, preexec_fn=die_with_parent)
 
 
 def run_logged(command, log_path, on_line=None, log_level=None):

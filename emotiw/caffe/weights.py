@@ -176,9 +176,11 @@ def _blocks(expected, loaded):
     return blocks
 
 
-def check_weights(net, weights, options=None, show_report=False):
-    """Refuses weights Caffe could not load into the net (it would abort) or that load nothing; warns
-    about layers left at their filler. `show_report` prints the whole report first."""
+def check_weights(net, weights, options=None, show_report=False, allow_partial=True):
+    """Refuses weights Caffe could not load into the net (it would abort) or that load nothing, and
+    with `allow_partial` False (testing a trained model) weights that leave layers at their filler
+    (a file cut at a layer boundary still parses); otherwise warns about those layers.
+    `show_report` prints the whole report first."""
     if not Path(weights).is_file():
         raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
     report = weights_report(net, weights, options)
@@ -188,6 +190,10 @@ def check_weights(net, weights, options=None, show_report=False):
         if not show_report:
             print("\n".join(report.lines()), file=sys.stderr)
         raise UserError(f"{weights} does not fit this net ({net}): {report.verdict}")
+    if report.untrained and not allow_partial:
+        raise UserError(f"{weights} leaves layers of {net} at random filler weights, first "
+                        f"'{report.untrained[0]}' ({report.verdict}); a truncated file? give the complete "
+                        "caffemodel (`emotiw weights report` lists the layers), or --allow-partial to go on")
     if report.untrained and not show_report:
         print(f"warning: {report.verdict}", file=sys.stderr)
     return report

@@ -11,6 +11,7 @@ import sys
 
 from emotiw import __version__
 from emotiw.errors import UserError
+from emotiw.processes import Terminated, stop_on_sigterm
 
 COMMAND_MODULES = [
     "emotiw.cli.doctor",
@@ -37,11 +38,15 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     try:
         return args.func(args) or 0
     except UserError as error:
         print(f"emotiw {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Terminated as stopped:
+        print(f"emotiw {args.command}: stopped by {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         print(f"emotiw {args.command}: interrupted", file=sys.stderr)
         return 130

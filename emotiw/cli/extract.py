@@ -25,6 +25,8 @@ def register(subparsers):
     parser.add_argument("--db", choices=DATABASES, default="leveldb", help="store format (default leveldb)")
     parser.add_argument("--batch", type=int, help="mini-batch size (default: the test net's)")
     parser.add_argument("--v73", action="store_true", help="write an HDF5-based MATLAB v7.3 .mat")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="extract even when the weights leave layers at their random filler init")
     parser.set_defaults(func=run_extract)
 
     convert = subparsers.add_parser(
@@ -56,7 +58,8 @@ def describe(variables):
 
 def run_extract(args):
     result = extract(args.net, args.weights, args.out, blob=args.blob, frame_list=args.list,
-                     video_list=args.videos, db=args.db, batch=args.batch, v73=args.v73)
+                     video_list=args.videos, db=args.db, batch=args.batch, v73=args.v73,
+                     allow_partial=args.allow_partial)
     print(f"wrote {result.mat}: {describe(result.variables)}")
     return 0
 

@@ -43,7 +43,8 @@ def register(subparsers):
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="clips processed in parallel (processes)")
     parser.add_argument("--lmdb", action="store_true", help="also an LMDB per split (convert_imageset) and its mean")
     parser.add_argument("--split", metavar="NAME",
-                        help="split name (default: RAF-DB file prefix with --label-map rafdb, else the input folder's name)")
+                        help="split name, letters, digits, _ and - (default: RAF-DB file prefix with --label-map rafdb, "
+                             "else the input folder's name)")
     parser.add_argument("--dsn-frames", action="store_true",
                         help="only write every frame 1024 wide as PNG, as DSN's extract_frames.py did")
     parser.set_defaults(func=run)

@@ -33,12 +33,15 @@ def register(subparsers):
     parser.add_argument("--mean-file", type=Path, help="mean.binaryproto for SSE preprocessing")
     parser.add_argument("--prior-list", type=Path, metavar="TRAINLIST",
                         help="training list whose class prior scores clips without a face (default uniform)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="test even when the weights leave layers at their random filler init "
+                             "(refused by default: a truncated caffemodel still loads)")
     parser.set_defaults(func=run)
 
 
 def run(args):
     result = test(args.net, args.weights, args.videos, args.out, backend=args.backend, batch=args.batch,
                   agg=args.agg, blobs=[b for b in args.blobs.split(",") if b], preprocess=args.preprocess,
-                  mean_file=args.mean_file, prior_list=args.prior_list)
+                  mean_file=args.mean_file, prior_list=args.prior_list, allow_partial=args.allow_partial)
     print(f"{summary_line(result.metrics)}; outputs in {args.out}")
     return 0

@@ -11,7 +11,8 @@ def register(subparsers):
         "report", help="which layers of NET a caffemodel initialises",
         description="Lists the layers of NET that FILE initialises (same name and blob shapes), "
                     "the ones left at their filler init, the shape mismatches Caffe would abort on, "
-                    "and a one-line verdict. Exit status 0 when Caffe can load the file, 1 when not.")
+                    "and a one-line verdict. Exit status 0 when Caffe can load the file and it "
+                    "initialises at least one layer, 1 when not.")
     report.add_argument("net", metavar="NET", help="registered net name, or a deploy/train prototxt")
     report.add_argument("--weights", required=True, metavar="FILE.caffemodel")
     report.set_defaults(func=run)
@@ -20,4 +21,4 @@ def register(subparsers):
 def run(args):
     report = weights_report(args.net, args.weights)
     print("\n".join(report.lines()))
-    return 0 if report.loadable else 1
+    return 0 if report.loadable and report.loaded else 1  # NOTHING LOADED is no use either

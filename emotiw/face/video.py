@@ -53,6 +53,24 @@ class VideoInfo:
         return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
 
 
+# How common video containers begin: (kind, offset, bytes). A file that begins like one but that
+# FFmpeg cannot open was cut short or damaged; it is no other kind of file.
+VIDEO_SIGNATURES = (("MP4/QuickTime", 4, b"ftyp"), ("MP4/QuickTime", 4, b"moov"), ("MP4/QuickTime", 4, b"mdat"),
+                    ("AVI", 8, b"AVI "), ("Matroska/WebM", 0, b"\x1a\x45\xdf\xa3"), ("FLV", 0, b"FLV"),
+                    ("ASF/WMV", 0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"), ("MPEG-PS", 0, b"\x00\x00\x01\xba"),
+                    ("Ogg", 0, b"OggS"))
+
+
+def _container_kind(path):
+    """The kind of video container the file's first bytes announce, or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    return next((kind for kind, offset, magic in VIDEO_SIGNATURES if head[offset:offset + len(magic)] == magic), None)
+
+
 def _open(path):
     import av
 
@@ -64,6 +82,10 @@ def _open(path):
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as error:
+        kind = _container_kind(path)
+        if kind:
+            raise VideoError(f"{path}: truncated or damaged {kind} file: FFmpeg cannot open it "
+                             f"({error.strerror or error}); copy or download it again")
         raise VideoError(f"{path}: not a video FFmpeg can read ({error.strerror or error})")
     if not container.streams.video:
         container.close()

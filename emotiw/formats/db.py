@@ -62,10 +62,20 @@ def read_store(path, use_lmdb=False):
             return list(txn.cursor())
     import plyvel
 
+    # LevelDB writes LOCK and LOG into the folder before it finds out there is no database, so a
+    # folder without LevelDB's CURRENT file is refused unopened
+    if not (path / "CURRENT").is_file():
+        hint = "; it holds data.mdb: pass --lmdb" if (path / "data.mdb").is_file() else ""
+        raise UserError(f"{path} is not a LevelDB (no CURRENT file){hint}")
     try:
         db = plyvel.DB(str(path), create_if_missing=False)
+    except plyvel.IOError as error:
+        if "IO error: lock " in str(error):  # LevelDB's words for a LOCK file another process holds
+            raise UserError(f"{path} is locked by another process (is extract_features still writing it?); "
+                            "wait for it to finish or stop it, then run again") from None
+        raise UserError(f"{path}: cannot read the LevelDB ({error})") from None
     except plyvel.Error as error:
-        raise UserError(f"{path} is not a LevelDB ({error}); pass --lmdb for an LMDB") from None
+        raise UserError(f"{path} is not a readable LevelDB ({error})") from None
     try:
         return list(db.iterator())
     finally:

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from emotiw.errors import UserError
+
 
 def current_umask():
     mask = os.umask(0)
@@ -26,6 +28,10 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is None:  # a failed write() names no file: name the one being written
+            error.filename = str(path)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -79,3 +85,56 @@ def sha256_of(path):
 def safe_name(name):
     """A blob or layer name as a file-name part: anything but letters, digits, `_.-` becomes `_`."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def inside(root, *parts):
+    """`root / parts`, refused unless it resolves inside `root`: no name, `..` or symbolic link may
+    take a write, or a removal, outside the folder the user named."""
+    root = Path(root)
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"{path} leads outside {root} (through a symbolic link?); emotiw writes only inside "
+                        f"{root}: remove the link or choose another output folder")
+    return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, busy_message):
+    """Holds an flock on `path` for the block; UserError(busy_message) when another process holds
+    it. The kernel drops the lock when its holder dies, so a killed run never blocks the next."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # CLOEXEC: children do not hold it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(busy_message) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file between our open and flock: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # while still locked, so that nobody locks a file about to go
+        finally:
+            os.close(fd)
+
+
+def record_is_current(record, digest, paths):
+    """Whether the JSON `record` of a conversion holds `digest` and every path it made exists; a
+    damaged record means: convert again."""
+    import json
+
+    if not Path(record).is_file() or not all(Path(path).is_file() for path in paths):
+        return False
+    try:
+        return json.loads(Path(record).read_text()).get("sha256") == digest
+    except ValueError:
+        return False

@@ -15,6 +15,8 @@ Label files for preprocessing (`--labels`) are a different format: `clip,label` 
 `list_patition_label.txt`, with label maps for other class orders.
 """
 
+import csv
+import io
 import re
 from pathlib import Path
 
@@ -53,11 +55,13 @@ def parse_label(text, label_map="afew"):
     non-negative integer kept as it is (other class sets).
     """
     text = text.strip()
-    if not re.fullmatch(r"-?\d+", text):
+    if not re.fullmatch(r"-?[0-9]+", text):  # ASCII digits only: int() takes other scripts' too
         index = emotion_index(text)
         if index is None:
             raise ValueError(f"unknown label {text!r}; expected one of {', '.join(EMOTIONS)}")
         return index
+    if len(text.lstrip("-")) > 9:  # Caffe's labels are 32-bit ints
+        raise ValueError(f"label {text[:12]}{'...' if len(text) > 12 else ''} is too large for a class number")
     number = int(text)
     if label_map == "rafdb":
         if not 1 <= number <= len(RAFDB_CLASSES):
@@ -97,10 +101,12 @@ def has_labels(labels):
 def _split_line(path, number, line, label_required):
     """`entry label` when the last field is an integer or a class name; otherwise the line is the entry."""
     parts = line.rsplit(None, 1)
-    numbered = len(parts) == 2 and parts[1].lstrip("-").isdigit()
+    numbered = len(parts) == 2 and re.fullmatch(r"-?[0-9]+", parts[1]) is not None
     if label_required:  # Caffe's ImageData reads an integer
         if not numbered:
             raise UserError(f"{path}:{number}: expected `<image path> <integer label>`, got {line!r}")
+        if len(parts[1]) > 10 or not -2**31 <= int(parts[1]) < 2**31:
+            raise UserError(f"{path}:{number}: label {parts[1]} does not fit Caffe's 32-bit int")
         return parts[0], int(parts[1])
     if numbered or (len(parts) == 2 and parts[1].lower() in {name.lower() for name in EMOTIONS}):
         return parts[0], parse_list_label(path, f"line {number}", parts[1])
@@ -117,7 +123,10 @@ def read_list(path, what="video list", label_required=False):
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     entries, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # a BOM (Windows editors) is no part of the first path; bytes that are not UTF-8 stay the
+    # file-name bytes they were
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
@@ -164,7 +173,9 @@ def write_list(path, entries, labels):
 
 def write_lists(out_dir, rows):
     """`lists/<split>.txt` (`<crop> <label>` per face frame) and `lists/<split>_videos.txt`
-    (`<clip frame folder> <label>` per clip with at least one face), absolute paths.
+    (`<clip frame folder> <label>` per clip with at least one face), absolute paths. Only the frame
+    list is Caffe's (unlabelled frames get 0); the per-video list keeps NO_LABEL, so that `test`
+    does not score unlabelled clips as Angry.
 
     `rows`: manifest rows (dicts) sorted by split, clip, frame. Returns {split: list path}.
     """
@@ -180,7 +191,8 @@ def write_lists(out_dir, rows):
     for split, pairs in frames.items():
         paths[split] = out_dir / "lists" / f"{split}.txt"
         write_list(paths[split], *zip(*pairs))
-        write_list(out_dir / "lists" / f"{split}_videos.txt", list(videos[split]), list(videos[split].values()))
+        with atomic_open(out_dir / "lists" / f"{split}_videos.txt") as handle:
+            handle.writelines(f"{folder} {label}\n" for folder, label in videos[split].items())
     return paths
 
 
@@ -194,21 +206,51 @@ def item_key(name):
     return stem[: -len("_aligned")] if stem.endswith("_aligned") else stem
 
 
+def _label_rows(path, text):
+    """(line number, fields) of a label file: CSV when it has a comma (quoted names may hold commas
+    and spaces, as spreadsheets write them), else whitespace-separated fields (RAF-DB's list)."""
+    if "," not in text:
+        yield from ((number, line.split()) for number, line in enumerate(text.splitlines(), 1))
+        return
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    try:
+        for row in reader:
+            fields = [field.strip() for field in row]
+            while fields and not fields[-1]:  # trailing commas, as spreadsheets export empty columns
+                fields.pop()
+            yield reader.line_num, fields
+    except csv.Error as error:
+        raise UserError(f"{path}:{reader.line_num}: not a readable CSV line ({error}); "
+                        f"write `clip,label` lines, quoting a name that holds a comma") from None
+
+
 def read_label_file(path):
     """{item key: label text} from a `clip,label` CSV or a whitespace-separated list; a header
-    line (`clip,label`) is skipped."""
+    line (`clip,label`) is skipped, a UTF-8 BOM ignored; a clip listed twice must have one label."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"label file {path} does not exist; give --labels a CSV `clip,label` or "
                         f"RAF-DB's list_patition_label.txt")
-    labels = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = [f for f in re.split(r"[,\s]+", line.strip()) if f]
-        if not fields:
-            continue
+    try:
+        # spreadsheets save CSV with a BOM; newline="": a quoted name keeps its line breaks as they are
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise UserError(f"label file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                        f"offset {error.start}); save it as UTF-8") from None
+    labels, lines = {}, {}
+    rows = ((number, fields) for number, fields in _label_rows(path, text) if fields)  # no blank lines
+    for index, (number, fields) in enumerate(rows):
         if len(fields) != 2:
-            raise UserError(f"{path}:{number}: expected `clip,label`, got {line!r}")
-        if number == 1 and fields[1].lower() == "label":
+            raise UserError(f"{path}:{number}: expected `clip,label` or `clip label`, got {len(fields)} fields "
+                            f"{fields!r}; quote a clip name that holds a comma")
+        if index == 0 and fields[1].lower() == "label":  # the header
             continue
-        labels[item_key(fields[0])] = fields[1]
+        key = item_key(fields[0])
+        if not key:
+            raise UserError(f"{path}:{number}: {fields[0]!r} is not a clip or file name")
+        if labels.setdefault(key, fields[1]) != fields[1]:
+            raise UserError(f"{path}:{number}: {key!r} is labelled {fields[1]!r} here but {labels[key]!r} on line "
+                            f"{lines[key]}; keep one label per clip")
+        lines.setdefault(key, number)
     return labels

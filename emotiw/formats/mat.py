@@ -17,10 +17,11 @@ def load_mat(path):
     import scipy.io
 
     try:
-        return scipy.io.loadmat(path)
-    except NotImplementedError:  # scipy's message for MATLAB v7.3
-        return load_mat_v73(path)
-    except Exception as error:
+        try:
+            return scipy.io.loadmat(path)
+        except NotImplementedError:  # scipy's message for MATLAB v7.3
+            return load_mat_v73(path)
+    except Exception as error:  # scipy and h5py raise many kinds for damaged files
         raise UserError(f"{path}: not a readable .mat file ({error})") from None
 
 

@@ -8,6 +8,7 @@ A score file holds one row of class scores per clip, in the order of a video lis
 """
 
 import csv
+import io
 import math
 import os
 import shutil
@@ -80,8 +81,15 @@ def _parse_row(path, where, tokens, num_classes):
     return values
 
 
+def _read_text(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: byte {error.start + 1} is not UTF-8 text; is this a score file?") from None
+
+
 def _read_txt(path, num_classes):
-    lines = path.read_text().splitlines()
+    lines = _read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # a final blank line is harmless; blank lines inside are rows with 0 scores
     rows = [_parse_row(path, f"row {number}", line.split(), num_classes)
@@ -92,17 +100,21 @@ def _read_txt(path, num_classes):
 def _read_predictions_csv(path, num_classes):
     if num_classes != len(EMOTIONS):
         raise UserError(f"{path}: predictions.csv holds {len(EMOTIONS)} classes, not {num_classes}")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         missing = [name for name in ("clip", *EMOTIONS) if name not in (reader.fieldnames or [])]
         if missing:
             raise UserError(f"{path}: not a predictions.csv: missing column(s) {', '.join(missing)}")
         clips, labels, rows = [], [], []
         for row_number, record in enumerate(reader, start=1):
-            where = f"row {row_number} (line {row_number + 1})"
+            where = f"row {row_number} (line {reader.line_num})"
             rows.append(_parse_row(path, where, [record[name] or "" for name in EMOTIONS], num_classes))
+            if not record["clip"]:
+                raise UserError(f"{path}: {where}: the clip name is empty")
             clips.append(record["clip"])
             labels.append(parse_list_label(path, where, record.get("label") or ""))
+    except csv.Error as error:
+        raise UserError(f"{path}: line {reader.line_num}: not valid CSV ({error})") from None
     scores = np.array(rows, dtype=np.float64).reshape(len(rows), num_classes)
     label_array = np.array(labels, dtype=np.int64)
     has_labels = bool(np.any(label_array != NO_LABEL))
@@ -149,9 +161,14 @@ def _mat_video_names(path, variables, variable, num_rows):
         raise UserError(f"{path}: video_names has {len(names)} entries but video_feats has {num_rows} rows")
     labels = variables.get("video_labels")
     if labels is not None:
-        labels = np.asarray(labels).astype(np.int64).ravel()
+        labels = np.asarray(labels).ravel()
         if len(labels) != num_rows:
             raise UserError(f"{path}: video_labels has {len(labels)} entries but video_feats has {num_rows} rows")
+        valid = labels.dtype.kind in "iuf" and bool(np.all(np.isin(labels, [NO_LABEL, *range(len(EMOTIONS))])))
+        if not valid:
+            raise UserError(f"{path}: video_labels must be class indices 0..{len(EMOTIONS) - 1} "
+                            f"or {NO_LABEL} (no label)")
+        labels = labels.astype(np.int64)
     return names, labels
 
 
@@ -194,6 +211,15 @@ def write_predictions_csv(path, clips, labels, scores, n_frames=None, fallback=N
                              n_frames[index], fallback[index]])
 
 
+def _usable_stem(stem):
+    """`<stem>.txt` can be created: a non-empty stem, no NUL, encodable, at most 255 bytes in all."""
+    try:
+        encoded = os.fsencode(f"{stem}.txt")
+    except UnicodeEncodeError:
+        return False
+    return bool(stem) and b"\0" not in encoded and len(encoded) <= 255
+
+
 def write_submission(directory, clips, predicted_indices):
     """EmotiW submission folder: one `<clip stem>.txt` per clip holding the predicted class name.
 
@@ -204,6 +230,10 @@ def write_submission(directory, clips, predicted_indices):
     duplicates = sorted(stem for stem, count in Counter(stems).items() if count > 1)
     if duplicates:
         raise UserError(f"clip names must be unique for a submission folder; repeated: {', '.join(duplicates[:5])}")
+    unusable = [stem for stem in stems if not _usable_stem(stem)]
+    if unusable:
+        raise UserError(f"clip name {unusable[0]!r} cannot name a submission file (empty, with a NUL or "
+                        "an unencodable character, or longer than 255 bytes); fix the clip names")
     if len(stems) != len(predicted_indices):
         raise ValueError("one predicted class per clip is needed")
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -164,7 +164,7 @@ class ExtractResult:
 
 
 def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db="leveldb", batch=None,
-            v73=False) -> ExtractResult:
+            v73=False, allow_partial=False) -> ExtractResult:
     """Features of every listed frame with Caffe's extract_features, into a LevelDB/LMDB and a .mat.
 
     net: a registered name or a test.prototxt with one TEST-phase ImageData layer; weights: its
@@ -172,8 +172,9 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     extract.json, extract_features.log); frame_list: an ImageData list (default: the frames of the
     video_list clips, else the net's own source); video_list: also per-video means (video_feats,
     video_names, video_labels, video_n_frames); db: leveldb or lmdb; batch: the mini-batch size
-    (default the test net's); v73: a MATLAB v7.3 (HDF5) .mat. A rerun with the same inputs skips
-    extract_features and only rewrites the .mat.
+    (default the test net's); v73: a MATLAB v7.3 (HDF5) .mat; allow_partial: go on when the weights
+    leave layers of the deploy net at their random filler init (refused by default). A rerun with the
+    same inputs skips extract_features and only rewrites the .mat.
     """
     if db not in DATABASES:
         raise UserError(f"unknown database {db!r}; choose leveldb or lmdb")
@@ -183,7 +184,7 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     test_file = ref.file
     deploy = ref.sibling("deploy")
     if deploy is not None:  # the test net has ImageData, whose shapes need images; its deploy twin does not
-        check_weights(str(deploy), weights)
+        check_weights(str(deploy), weights, allow_partial=allow_partial)
     net_param = read_net_param(test_file)
     layer = image_data_layer(net_param, test_file)
     frames, labels = frames_to_extract(layer, test_file, frame_list, video_list)

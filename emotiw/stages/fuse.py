@@ -8,6 +8,7 @@ go to the higher mean log-likelihood, then to the weights closest to uniform.
 
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ MAX_GRID_MODELS = 5
 LOG_FLOOR = 1e-12  # fused scores are clipped here before the log: scores can be 0 or negative
 CHUNK_VALUES = 1 << 22  # fused values held at once during a search (32 MiB of float64)
 LL_DECIMALS = 9  # log-likelihoods equal to this many decimals tie (summation order differs per batch)
+MAX_WEIGHT_VECTORS = 1_000_000  # per search (per round beyond MAX_GRID_MODELS): bounds time and memory
 
 
 @dataclass
@@ -40,20 +42,31 @@ def normalize_scores(scores, method):
     if method == "none":
         return scores
     if method == "l1":
-        totals = np.abs(scores).sum(axis=-1, keepdims=True)
-        return scores / np.where(totals > 0, totals, 1.0)
+        # each row is divided by its largest absolute value first, so that the sum cannot overflow
+        largest = np.abs(scores).max(axis=-1, keepdims=True)
+        scaled = scores / np.where(largest > 0, largest, 1.0)
+        totals = np.abs(scaled).sum(axis=-1, keepdims=True)
+        return scaled / np.where(totals > 0, totals, 1.0)
     if method == "softmax":
-        exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        with np.errstate(over="ignore"):  # a difference below -1.8e308 becomes -inf, whose exp is 0
+            exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
         return exponentials / exponentials.sum(axis=-1, keepdims=True)
     raise ValueError(f"unknown normalisation {method!r}")
 
 
+def unit_weights(weights):
+    """Weights (..., M) scaled to sum 1; divided by the largest first, so that the sum of huge
+    weights (1e308 1e308) cannot overflow to inf and turn every weight into 0."""
+    weights = np.asarray(weights, dtype=np.float64)
+    scaled = weights / weights.max(axis=-1, keepdims=True)
+    return scaled / scaled.sum(axis=-1, keepdims=True)
+
+
 def fuse_many(stack, weights):
     """Fused scores (K, N, C) of a model stack (M, N, C) under K weight vectors (K, M)."""
-    weights = np.asarray(weights, dtype=np.float64)
     models, clips, classes = stack.shape
-    unit_weights = weights / weights.sum(axis=1, keepdims=True)
-    return (unit_weights @ stack.reshape(models, clips * classes)).reshape(len(weights), clips, classes)
+    fused = unit_weights(weights) @ stack.reshape(models, clips * classes)
+    return fused.reshape(len(fused), clips, classes)
 
 
 def fuse_stack(stack, weights):
@@ -71,7 +84,8 @@ def mean_log_likelihood(scores, labels):
     positive = np.clip(scores, LOG_FLOOR, None)
     index = np.broadcast_to(labels[:, None], positive.shape[:-1] + (1,))
     at_label = np.take_along_axis(positive, index, axis=-1)[..., 0]
-    return np.mean(np.log(at_label) - np.log(positive.sum(axis=-1)), axis=-1)
+    with np.errstate(over="ignore"):  # rows of values near 1e308 sum to inf: log-likelihood -inf, the worst
+        return np.mean(np.log(at_label) - np.log(positive.sum(axis=-1)), axis=-1)
 
 
 def simplex_grid(num_models, units):
@@ -100,24 +114,47 @@ def _best(weights, correct, log_likelihood):
     Rounding makes the order total, so coordinate ascent cannot cycle; among exact ties the
     first vector wins.
     """
-    unit_weights = weights / weights.sum(axis=1, keepdims=True)
-    from_uniform = np.linalg.norm(unit_weights - 1.0 / weights.shape[1], axis=1)
+    from_uniform = np.linalg.norm(unit_weights(weights) - 1.0 / weights.shape[1], axis=1)
     order = np.lexsort((np.round(from_uniform, 12), -np.round(log_likelihood, LL_DECIMALS), -correct))
     return order[0]
 
 
-def _grid_units(step):
+def weight_vectors(num_models, units):
+    """How many weight vectors a search scores at once: the whole grid up to MAX_GRID_MODELS models,
+    else one round of coordinate ascent (staying, or k steps from one model to another)."""
+    if num_models <= MAX_GRID_MODELS:
+        return math.comb(units + num_models - 1, num_models - 1)
+    return 1 + (num_models - 1) * units
+
+
+def _largest_step_count(num_models):
+    """The most steps in 1 whose search fits the bound, among {1, 2, 4, 5} x 10^k (so that the step
+    reads 0.1, 0.05, 0.025, 0.02, 0.01, ...)."""
+    counts = [digit * 10 ** power for power in range(308) for digit in (1, 2, 4, 5)]
+    return max(units for units in counts if weight_vectors(num_models, units) <= MAX_WEIGHT_VECTORS)
+
+
+def _grid_units(step, num_models):
+    """The number of steps in 1; refuses a step that is not a whole fraction of 1, or whose search
+    would score more than MAX_WEIGHT_VECTORS weight vectors (it would run out of memory)."""
     if not 0 < step <= 1:
         raise UserError(f"--step {step}: must be in (0, 1]")
-    units = round(1 / step)
-    if abs(units * step - 1) > 1e-9:
+    steps = 1 / step
+    units = round(steps) if math.isfinite(steps) else None  # a subnormal step: 1 / step overflows
+    if units is not None and abs(units * step - 1) > 1e-9:
         raise UserError(f"--step {step}: 1 must be a whole number of steps (e.g. 0.05, 0.1, 0.125)")
-    return units
+    count = None if units is None else weight_vectors(num_models, units)
+    if count is not None and count <= MAX_WEIGHT_VECTORS:
+        return units
+    fits = 1 / _largest_step_count(num_models)
+    raise UserError(f"--step {step}: {'too many' if count is None else f'{count:,}'} weight vectors to score "
+                    f"for {num_models} models, over the limit of {MAX_WEIGHT_VECTORS:,}; "
+                    f"use --step {fits} or larger")
 
 
 def search_weights(stack, labels, step=0.05):
     """Weights on the simplex (multiples of `step`) that fuse the validation stack (M, N, C) best."""
-    units = _grid_units(step)
+    units = _grid_units(step, stack.shape[0])
     labels = np.asarray(labels, dtype=np.int64)
     if stack.shape[0] <= MAX_GRID_MODELS:
         candidates = simplex_grid(stack.shape[0], units)
@@ -214,13 +251,15 @@ def _stack(tables, normalize):
     return normalize_scores(np.stack([table.scores for table in tables]), normalize)
 
 
-def _check_arguments(scores, weights, search, val_scores, names):
+def _check_arguments(scores, weights, search, val_scores, names, step):
     count = len(scores)
     if weights is not None and len(weights) != count:
         raise UserError(f"--weights has {len(weights)} values for {count} score files")
     if weights is not None and search:
         raise UserError("give either --weights or --search, not both")
-    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+    if weights is not None and not all(math.isfinite(weight) for weight in weights):
+        raise UserError(f"--weights {' '.join(map(str, weights))}: every weight must be a finite number")
+    if weights is not None and (min(weights) < 0 or max(weights) <= 0):
         raise UserError("--weights must be non-negative with a positive sum")
     if names is not None and len(names) != count:
         raise UserError(f"--names has {len(names)} names for {count} score files")
@@ -228,6 +267,8 @@ def _check_arguments(scores, weights, search, val_scores, names):
         raise UserError(f"--val-scores has {len(val_scores)} files for {count} test score files")
     if search and val_scores is None:
         raise UserError("--search needs --val-scores (and labels: --val-labels or predictions.csv files)")
+    if search:
+        _grid_units(step, count)  # a step that is refused later is refused before any file is read
 
 
 def _validation(val_scores, val_labels, normalize):
@@ -292,15 +333,15 @@ def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=No
     """Late fusion of per-clip score files: fused = sum_i w_i * s_i / sum_i w_i.
 
     scores: test score files (EmotiW .txt, predictions.csv, FILE.mat[:VARIABLE]); out: the output
-    folder (scores.txt, predictions.csv, submission/, fusion.json); weights: one per file (default
-    equal); search: search the weights on val_scores (one per test file, same order) with labels from
+    folder (scores.txt, predictions.csv, submission/, fusion.json); weights: one finite, non-negative
+    weight per file, normalised to sum 1 (default equal); search: search the weights on val_scores (one per test file, same order) with labels from
     val_labels (a video list) or the predictions.csv files; step: the weight grid step; normalize:
     none, l1 or softmax per row before fusing; names: model names for the report; videos: the test
     video list, which checks row counts and names the clips.
     """
     scores = [str(spec) for spec in scores]
     val_scores = None if val_scores is None else [str(spec) for spec in val_scores]
-    _check_arguments(scores, weights, search, val_scores, names)
+    _check_arguments(scores, weights, search, val_scores, names, step)
     tables = [read_score_spec(spec) for spec in scores]
     clips, labels = aligned_clips(tables, videos)
     names = names or [Path(split_score_spec(spec)[0]).stem for spec in scores]
@@ -311,20 +352,23 @@ def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=No
         weights = found.weights
     else:
         weights = np.asarray(weights or [1.0] * len(tables), dtype=np.float64)
-    unit_weights = weights / weights.sum()
+    units = unit_weights(weights)
     stack = _stack(tables, normalize)
     fused = fuse_stack(stack, weights)
+    if not np.isfinite(fused).all():
+        raise UserError("the fused scores overflow (score values near 1e308); scale the score files down "
+                        "or fuse with --normalize l1 or softmax")
     val = _accuracies(*validation, weights) if validation is not None else None
     test = _accuracies(stack, labels, weights)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_submission(out / "submission", clips, fused.argmax(axis=1))  # first: it refuses unusable clip names
     write_scores_txt(out / "scores.txt", fused)
     write_predictions_csv(out / "predictions.csv", clips, labels, fused)
-    write_submission(out / "submission", clips, fused.argmax(axis=1))
     summary = {
         "models": [{"name": name, "scores": spec, "weight": float(weight), "unit_weight": float(unit)}
-                   for name, spec, weight, unit in zip(names, scores, weights, unit_weights)],
+                   for name, spec, weight, unit in zip(names, scores, weights, units)],
         "rule": "fused = sum_i w_i * s_i / sum_i w_i",
         "normalize": normalize,
         "search": None if found is None else {"method": found.method, "step": step,
@@ -335,5 +379,5 @@ def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=No
         "class_order": list(EMOTIONS),
     }
     atomic_write_text(out / "fusion.json", json.dumps(summary, indent=2) + "\n")
-    return FuseResult(out=out, weights=unit_weights, scores=fused, clips=clips, summary=summary,
-                      table=_report_table(names, unit_weights, val, test))
+    return FuseResult(out=out, weights=units, scores=fused, clips=clips, summary=summary,
+                      table=_report_table(names, units, val, test))

@@ -12,13 +12,22 @@ file marks the clip finished, so a killed run started again skips it. At the end
 merged into `OUT/manifest.csv`, `OUT/detections.csv` and `OUT/preprocess.json`, and `OUT/lists/`,
 `OUT/errors.csv`, `OUT/summary.json` (and with --lmdb `OUT/lmdb/`) are rewritten. Boxes and
 landmarks in the outputs are in source pixels: the video's own pixel grid, upright.
+
+A run holds `OUT/.lock` (one run per output folder at a time). A write that fails because the disk
+is full or OUT is read-only stops the run with one line: it is no problem of one clip, every later
+clip would fail the same way. Ctrl-C and SIGTERM stop the workers at once; a killed run's workers
+die with it.
 """
 
+import collections
+import contextlib
 import csv
+import errno
 import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -37,16 +46,22 @@ from emotiw.face.track import SUBJECT_RULES, choose_subject
 from emotiw.face.video import (DSN_FRAME_WIDTH, VideoError, check_sampling, display_size, iter_frames, probe,
                                save_png, write_dsn_frames)
 from emotiw.formats.db import build_lmdb
-from emotiw.formats.files import atomic_open, atomic_write_text
+from emotiw.formats.files import atomic_open, atomic_write_text, exclusive_lock, inside
 from emotiw.formats.lists import write_lists
 from emotiw.inputs import Problem, discover
+from emotiw.processes import die_with_parent
 
 BOX_COLUMNS = ["score", "x1", "y1", "x2", "y2"] + [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
 MANIFEST_COLUMNS = ["split", "clip", "label", "frame", "time", "shot", "detected", *BOX_COLUMNS, "track", "crop"]
 DETECTION_COLUMNS = ["split", "clip", "frame", "time", "shot", "face", *BOX_COLUMNS, "track", "subject"]
 ERROR_COLUMNS = ["input", "split", "clip", "source", "message"]
 DEFAULT_SUBJECT = {"dsn": "facenet", "sse": "track"}
-PREFETCH_FRAMES = 8  # decoded frames waiting for detection or cropping
+PREFETCH_FRAMES = 8  # decoded frames waiting for detection, cropping or writing
+# What a write says when the disk is full or OUT is not writable, and how to fix it
+WRITE_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space or raise your disk quota",
+               errno.EFBIG: "raise the file size limit (ulimit -f) or use a file system that takes larger files",
+               **dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM),
+                               "make the output folder writable or choose another --out")}
 
 
 @dataclass(frozen=True)
@@ -103,19 +118,19 @@ def detector(settings):
 
 
 def part_path(out, item):
-    return Path(out) / "clips" / item.split / f"{item.clip}.csv"
+    return inside(out, "clips", item.split, f"{item.clip}.csv")
 
 
 def info_path(out, item):
-    return Path(out) / "clips" / item.split / f"{item.clip}.json"
+    return inside(out, "clips", item.split, f"{item.clip}.json")
 
 
 def detections_path(out, item):
-    return Path(out) / "detections" / item.split / f"{item.clip}.csv"
+    return inside(out, "detections", item.split, f"{item.clip}.csv")
 
 
 def face_dir(out, item):
-    return Path(out) / "faces" / item.split / item.clip
+    return inside(out, "faces", item.split, item.clip)
 
 
 def _face_columns(score, box, landmarks):
@@ -241,7 +256,7 @@ def _crop_subject(item, out, settings, found, chosen, width, to_crop):
     wanted = {f.index: (f.faces, k) for f, k in zip(found, chosen) if k is not None}
     if not wanted:
         return {}
-    crops = {}
+    crops, writing = {}, collections.deque()
     with ThreadPoolExecutor(1) as writer:
         for frame in _video_frames(item, settings, width):
             if frame.index in wanted:
@@ -249,6 +264,9 @@ def _crop_subject(item, out, settings, found, chosen, width, to_crop):
                 crops[frame.index] = writer.submit(
                     _crop_and_save, out, item, frame.index, frame.image, _scaled(faces.boxes[k], to_crop),
                     _scaled(faces.landmarks[k], to_crop), settings)
+                writing.append(crops[frame.index])
+                if len(writing) > PREFETCH_FRAMES:  # each holds a whole frame: never let them pile up
+                    writing.popleft().result()
                 if len(crops) == len(wanted):
                     break
     return {index: future.result() for index, future in crops.items()}
@@ -290,7 +308,9 @@ def process_image(item, out, settings, progress):
 def process_item(item, out, settings, kind, progress=None):
     """Processes one clip from scratch and writes its parts; errors become the result's."""
     progress = progress or _worker_progress or (lambda n: None)
-    shutil.rmtree(face_dir(out, item), ignore_errors=True)  # leftovers of a killed run
+    faces = face_dir(out, item)
+    if faces.exists():  # leftovers of a killed run
+        shutil.rmtree(faces)
     result = ClipResult(item)
 
     def counted(n):
@@ -304,6 +324,8 @@ def process_item(item, out, settings, kind, progress=None):
         result.error = str(error)
         return result
     except Exception as error:  # a long run should not die on one clip; the message says what broke
+        if isinstance(error, OSError) and error.errno in WRITE_FIXES:
+            raise  # a full disk or a read-only OUT: every later clip would fail too
         result.error = f"internal error ({type(error).__name__}: {error})"
         return result
     write_rows(detections_path(out, item), output.detections, DETECTION_COLUMNS)
@@ -315,10 +337,20 @@ def process_item(item, out, settings, kind, progress=None):
 def _init_worker(progress_queue, threads):
     """Each worker gets its share of the cores: N workers each running OpenCV's and OpenBLAS's
     all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS reads its variable when
-    Caffe loads it, which happens later, in detector(); a value the user set is kept."""
+    Caffe loads it, which happens later, in detector(); a value the user set is kept.
+
+    A worker dies with the main process, even a killed one (the pool starts workers from the main
+    thread, whose end is what PR_SET_PDEATHSIG watches), and leaves Ctrl-C to it."""
     global _worker_progress
+    import multiprocessing
+
     import cv2
 
+    die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before die_with_parent took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends Ctrl-C to every process of the run
     _worker_progress = progress_queue.put
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
     cv2.setNumThreads(threads)
@@ -430,14 +462,15 @@ def run_items(pending, out, settings, kind, workers):
 def _run_parallel(pending, out, settings, kind, workers, clip_bar, frame_bar):
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: each worker imports Caffe and builds its own detector, nothing is shared by fork
     context = multiprocessing.get_context("spawn")
     progress = context.Queue()
     workers = min(workers, len(pending))  # so that a single clip still gets every core
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(progress, threads)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(progress, threads))
+    try:
         running = {pool.submit(process_item, item, out, settings, kind) for item in pending}
         while running:
             done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -449,6 +482,29 @@ def _run_parallel(pending, out, settings, kind, workers, clip_bar, frame_bar):
             for future in done:
                 clip_bar.update()
                 yield future.result()
+    except BrokenProcessPool:
+        stop_pool(pool)
+        raise UserError("a worker process ended abruptly (killed, by the out-of-memory killer for one); run the "
+                        "same command again to go on from the finished clips, with fewer --workers if memory "
+                        "is short") from None
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: stop now, not after every pending clip
+        stop_pool(pool)
+        raise
+    pool.shutdown()
+
+
+def stop_pool(pool):
+    """Cancels the clips not started and ends the workers at once; their clips are redone by the
+    next run. (Python 3.14's pool.terminate_workers; 3.11 keeps the processes in _processes.)"""
+    processes = list(pool._processes.values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def print_problem(problem):
@@ -564,8 +620,8 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     out = Path(out)
     if (videos is None) == (images is None):
         raise UserError("give one of --videos or --images")
-    if dsn_frames:
-        return dsn_frames_only(out, videos, labels, label_map, split, started)
+    if dsn_frames and videos is None:
+        raise UserError("--dsn-frames extracts video frames; give --videos")
     if images is None and aligned:
         raise UserError("--aligned applies to --images (already-aligned face crops), not to --videos")
     check_options(size, workers, subject, detect, redetect_every, shot_threshold, min_coverage)
@@ -575,19 +631,48 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
                         detect=detect, redetect_every=redetect_every, shot_threshold=float(shot_threshold))
     kind = "image" if images else "video"
     root = Path(images or videos)
-    out.mkdir(parents=True, exist_ok=True)
+    items, problems = discover(root, labels, label_map, split, rafdb_prefix=kind == "image" and label_map == "rafdb")
+    if not items and not problems:
+        raise UserError(f"no {'images' if images else 'video clips'} found in {root}; give the folder that holds "
+                        f"them (AFEW's layout: {root}/<Emotion>/<clip>, or the files in {root} itself)")
+    with writing_into(out):
+        if dsn_frames:
+            return dsn_frames_only(out, root, items, problems, started)
+        return _preprocess_items(out, root, items, problems, settings, kind, workers, lmdb, min_coverage, started)
+
+
+@contextlib.contextmanager
+def writing_into(out):
+    """Creates OUT and holds OUT/.lock for the block. A write that fails for want of space or
+    permission becomes one line naming the file and the fix."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the output folder {out}: {error.strerror}; choose another --out") from None
+    try:
+        with exclusive_lock(out / ".lock", f"another emotiw preprocess is writing into {out} (it holds "
+                                           f"{out / '.lock'}); wait for it to end or choose another --out"):
+            yield
+    except OSError as error:
+        if error.errno not in WRITE_FIXES:
+            raise
+        raise UserError(f"cannot write {error.filename or out}: {error.strerror}; {WRITE_FIXES[error.errno]}, then "
+                        f"run the same command again (finished clips are kept)") from None
+
+
+def _preprocess_items(out, root, items, problems, settings, kind, workers, lmdb, min_coverage, started):
     check_settings(out, settings)
     remove_stale_temporaries(out)
-    items, problems = discover(root, labels, label_map, split, rafdb_prefix=kind == "image" and label_map == "rafdb")
     for problem in problems:
         print_problem(problem)
     pending = [item for item in items if not part_path(out, item).exists()]
     processed = []
-    for result in run_items(pending, out, settings, kind, workers):
-        processed.append(result)
-        if result.error:
-            problems.append(Problem(result.item.split, result.item.clip, str(result.item.source), result.error))
-            print_problem(problems[-1])
+    with contextlib.closing(run_items(pending, out, settings, kind, workers)) as results:
+        for result in results:
+            processed.append(result)
+            if result.error:
+                problems.append(Problem(result.item.split, result.item.clip, str(result.item.source), result.error))
+                print_problem(problems[-1])
     rows = merge_parts(out)
     write_rows(out / "manifest.csv", rows)
     write_detections(out)
@@ -633,20 +718,16 @@ def print_summary(summary, coverage, out):
           f"{summary['elapsed_s']} s, {summary['frames_per_s']} frames/s -> {out}")
 
 
-def dsn_frames_only(out, videos, labels, label_map, split, started):
+def dsn_frames_only(out, root, items, problems, started):
     """--dsn-frames: DSN's extract_frames.py into OUT/frames/<split>/<clip>/<clip>-001.png."""
     from tqdm import tqdm
 
-    if videos is None:
-        raise UserError("--dsn-frames extracts video frames; give --videos")
-    root = Path(videos)
-    items, problems = discover(root, labels, label_map, split)
     written = 0
     for item in tqdm(items, desc="clips", unit="clip", disable=None):
-        target = out / "frames" / item.split / item.clip
+        target = inside(out, "frames", item.split, item.clip)
         if target.is_dir():
             continue
-        work = target.with_name(f".{item.clip}.partial")
+        work = inside(out, "frames", item.split, f".{item.clip}.partial")
         shutil.rmtree(work, ignore_errors=True)
         try:
             written += write_dsn_frames(item.source, work)

@@ -198,6 +198,15 @@ def write_frames_csv(path, clips, scores, readable, blobs):
                 frame += 1
 
 
+def no_frames_message(clips, video_list):
+    """Why a list gave no frame at all: its clip folders are missing or empty."""
+    missing = [clip.entry for clip in clips if clip.problem == "missing"]
+    example = (missing or [clips[0].entry])[0]
+    return (f"none of the {len(clips)} clips of {video_list} has a face frame ({len(missing)} clip folders "
+            f"missing, {len(clips) - len(missing)} without images; e.g. {example}); relative folders are looked "
+            "up beside the list, then in the working directory: fix the paths or preprocess the clips first")
+
+
 def report_problems(clips, frames, readable):
     """Names the clips that gave no frame and the unreadable images; returns them for metrics.json."""
     problems = {kind: [clip.entry for clip in clips if clip.problem == kind] for kind in ("missing", "empty")}
@@ -248,7 +257,7 @@ class TestResult:
 
 
 def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=("prob",), preprocess=None,
-         mean_file=None, prior_list=None):
+         mean_file=None, prior_list=None, allow_partial=False):
     """Tests a deploy net on every clip of a video list: per-frame blobs, per-clip scores and metrics.
 
     net: a registered name or a deploy prototxt; weights: its .caffemodel; videos: a video list
@@ -257,7 +266,9 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     batch: frames per forward pass; agg: mean or sum of a clip's frame scores; blobs: the first gives
     scores.txt and must hold the 7 class scores; preprocess: dsn, sse or none (default: the net's
     paper); mean_file: a mean.binaryproto for sse; prior_list: a training list whose class prior
-    scores clips without a face (default uniform). A rerun resumes from a checkpoint in `out`.
+    scores clips without a face (default uniform); allow_partial: run even when the weights leave
+    layers at their random filler init (refused by default). A rerun resumes from a checkpoint in `out`.
+    Refuses a list none of whose clips has a readable face frame.
     """
     blobs = list(dict.fromkeys(blobs))
     if batch < 1:
@@ -266,8 +277,10 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     ref = resolve_net(net, "deploy")
     deploy = ref.file
     clips = read_clips(videos)
+    if not any(clip.frames for clip in clips):
+        raise UserError(no_frames_message(clips, videos))
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
-    check_weights(str(deploy), weights)
+    check_weights(str(deploy), weights, allow_partial=allow_partial)
     runner, backend = load_net(deploy, weights, backend, ref.preferred_backend)
     unknown = [name for name in blobs if name not in runner.blob_names]
     if unknown:
@@ -279,6 +292,10 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     checkpoint = out / CHECKPOINT_NAME
     signature = run_signature(deploy, weights, backend, blobs, preprocessing, frames)
     scores, readable = score_frames(runner, preprocessing, frames, blobs, batch, checkpoint, signature)
+    if not readable.any():
+        checkpoint.unlink(missing_ok=True)
+        raise UserError(f"none of the {len(frames)} frame images of the clips of {videos} could be read, "
+                        f"e.g. {frames[0]}; every clip would get the fallback scores")
     if scores[blobs[0]].shape[1] != len(EMOTIONS):
         raise UserError(f"blob {blobs[0]} has {scores[blobs[0]].shape[1]} values per frame; the first "
                         f"--blobs entry must hold the {len(EMOTIONS)} class scores (e.g. prob)")
@@ -310,4 +327,6 @@ def summary_line(metrics):
         if metrics["accuracy_with_faces"] is not None:
             parts.append(f"on clips with faces {metrics['accuracy_with_faces']:.4f}")
         parts.append(f"macro F1 {metrics['macro_f1']:.4f}")
+    else:
+        parts.append("no labels: accuracy not computed")
     return ", ".join(parts)

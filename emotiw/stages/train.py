@@ -2,9 +2,11 @@
 run the real `caffe train` binary while showing its progress and plotting its curves."""
 
 import collections
+import contextlib
 import csv
 import math
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, field, replace
@@ -20,8 +22,10 @@ from emotiw.formats.db import lmdb_labels
 from emotiw.formats.files import atomic_open, atomic_path
 from emotiw.formats.lists import read_list, resolve_listed_path
 from emotiw.nets.options import NetOptions
+from emotiw.processes import Terminated
 
 MIN_IMAGE_SIDE = 8
+MEAN_SAMPLE = 1000  # images whose mean colour stands for a list's when the images are not checked
 
 
 # ---------------------------------------------------------------- data sources
@@ -38,32 +42,69 @@ def source_type(path):
     return "list"
 
 
+@contextlib.contextmanager
+def quiet_opencv():
+    """OpenCV logs `[ WARN:0@...] imread_(...): can't open/read file` for a bad image; our own error
+    line says the same, so its warnings are kept off the terminal while the images are read."""
+    import cv2
+
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        yield cv2
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
+def mean_colour(channel_means):
+    import numpy as np
+
+    return tuple(round(float(v), 3) for v in np.mean(channel_means, axis=0))
+
+
 def scan_list(path, check_images=True):
     """Labels of a list and the mean BGR colour of its images, after checking that every image
     exists and decodes at a usable size (mean None when the images are not checked)."""
-    import cv2
-    import numpy as np
     from tqdm import tqdm
 
     entries, labels = read_list(path, "ImageData list", label_required=True)
     if not check_images:
         return list(labels), None
     channel_means = []
-    for entry in tqdm(entries, desc=f"checking {Path(path).name}", unit="img", leave=False,
-                      disable=not sys.stderr.isatty()):
-        image = str(resolve_listed_path(entry, path))
-        if not Path(entry).is_absolute() and image != str(Path.cwd() / entry):
-            raise UserError(f"{path}: {entry} lies beside the list, but Caffe reads relative paths from the "
-                            f"working directory; run from {Path(path).resolve().parent} or write absolute paths")
-        decoded = cv2.imread(image, cv2.IMREAD_COLOR)
-        if decoded is None:
-            reason = "not found" if not os.path.exists(image) else "not a readable image"
-            raise UserError(f"{path}: {image} is {reason}; fix or remove that line")
-        if min(decoded.shape[:2]) < MIN_IMAGE_SIDE:
-            raise UserError(f"{path}: {image} is {decoded.shape[1]}x{decoded.shape[0]} pixels, "
-                            f"smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
-        channel_means.append(decoded.reshape(-1, 3).mean(axis=0))
-    return list(labels), tuple(round(float(v), 3) for v in np.mean(channel_means, axis=0))
+    with quiet_opencv() as cv2:
+        for entry in tqdm(entries, desc=f"checking {Path(path).name}", unit="img", leave=False,
+                          disable=not sys.stderr.isatty()):
+            image = str(resolve_listed_path(entry, path))
+            if not Path(entry).is_absolute() and image != str(Path.cwd() / entry):
+                raise UserError(f"{path}: {entry} lies beside the list, but Caffe reads relative paths from "
+                                f"the working directory; run from {Path(path).resolve().parent} or write "
+                                "absolute paths")
+            decoded = cv2.imread(image, cv2.IMREAD_COLOR)
+            if decoded is None:
+                reason = "not found" if not os.path.exists(image) else "not a readable image"
+                raise UserError(f"{path}: {image} is {reason}; fix or remove that line")
+            if min(decoded.shape[:2]) < MIN_IMAGE_SIDE:
+                raise UserError(f"{path}: {image} is {decoded.shape[1]}x{decoded.shape[0]} pixels, "
+                                f"smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+            channel_means.append(decoded.reshape(-1, 3).mean(axis=0))
+    return list(labels), mean_colour(channel_means)
+
+
+def sampled_mean_colour(path):
+    """The mean BGR colour of up to MEAN_SAMPLE evenly spaced images of a list that decode: what
+    stands for the training images' mean colour when they are not all checked."""
+    entries, _ = read_list(path, "ImageData list", label_required=True)
+    sample = entries[::math.ceil(len(entries) / MEAN_SAMPLE)]
+    channel_means = []
+    with quiet_opencv() as cv2:
+        for entry in sample:
+            decoded = cv2.imread(str(resolve_listed_path(entry, path)), cv2.IMREAD_COLOR)
+            if decoded is not None:
+                channel_means.append(decoded.reshape(-1, 3).mean(axis=0))
+    if not channel_means:
+        raise UserError(f"{path}: none of {len(sample)} sampled images decodes; run without "
+                        "--skip-image-check to find the bad lines")
+    return mean_colour(channel_means), len(channel_means)
 
 
 def check_labels(name, labels, num_classes):
@@ -109,6 +150,11 @@ def training_mean(net, train, out, mean, train_mean):
         print(f"no --mean given and {net} used a mean file: subtracting the training images' "
               f"mean colour (B, G, R) = {train_mean}")
         return {"mean_values": train_mean}
+    if source_type(train) == "list":  # --skip-image-check: compute_image_mean only reads LMDBs
+        sampled, count = sampled_mean_colour(train)
+        print(f"no --mean given and {net} used a mean file: subtracting the mean colour of {count} "
+              f"training images, (B, G, R) = {sampled}")
+        return {"mean_values": sampled}
     mean_file = Path(out) / "mean.binaryproto"
     if not mean_file.exists():
         run_tool("compute_image_mean", train, mean_file)
@@ -131,13 +177,69 @@ def write_training_files(net, train, val, out, options, overrides):
     return paths["solver"], nets.solver(net, paths["train_val"], overrides=overrides), options
 
 
+def snapshot_iteration(path):
+    """N of Caffe's `<prefix>_iter_N.solverstate` (-1 for another name)."""
+    _, separator, number = Path(path).stem.rpartition("_iter_")
+    return int(number) if separator and number.isdigit() else -1
+
+
 def newest_solverstate(out):
-    states = sorted((out / "snapshots").glob("*.solverstate"),
-                    key=lambda p: int(p.stem.rsplit("_iter_", 1)[-1]) if "_iter_" in p.stem else -1)
+    states = sorted((out / "snapshots").glob("*.solverstate"), key=snapshot_iteration)
     return states[-1] if states else None
 
 
+def resumed_curves(out, state):
+    """The curves a resumed run continues: the rows of curves.csv before the snapshot's iteration.
+    Caffe logs that iteration's test again, and rows after it belong to an abandoned later part."""
+    curves = TrainingCurves(iteration=max(snapshot_iteration(state), 0))
+    path = out / "curves.csv"
+    if not path.is_file():
+        return curves
+    try:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if int(row["iteration"]) < curves.iteration:
+                    curves.add_row(int(row["iteration"]), row["phase"], row["name"], float(row["value"]))
+    except (csv.Error, KeyError, TypeError, ValueError) as error:
+        print(f"warning: {path} is damaged ({error}); the curves restart at iteration {curves.iteration}",
+              file=sys.stderr)
+        return TrainingCurves(iteration=curves.iteration)
+    return curves
+
+
 # ---------------------------------------------------------------- running caffe
+
+def resume_command(net, train, val, out, settings):
+    """The `emotiw train` command line that continues this run from its newest snapshot."""
+    words = ["emotiw", "train", net, "--train", train, "--val", val, "--out", out]
+    for name, value in settings.items():
+        if value is True:
+            words.append(f"--{name}")
+        elif value is not None and value is not False:
+            words += [f"--{name}", value]
+    return shlex.join(map(str, [*words, "--resume"]))
+
+
+class TrainingStopped(Terminated):
+    """Ctrl-C or SIGTERM stopped `caffe train` after its snapshot. A Terminated, so that the CLI
+    prints `stopped by <message>` and exits 128 + signum (130, 143); the message says where
+    training stopped and the command that resumes it."""
+
+    def __init__(self, signum, message):
+        super().__init__(signum)
+        self.args = (message,)
+
+
+def stopped_message(signum, curves, resume):
+    """Where an interrupted training stopped (the solverstate caffe wrote on the way out) and how to
+    go on."""
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    states = [path for path in curves.snapshots if path.endswith(".solverstate")]
+    if not states:
+        return f"{what} before caffe wrote a snapshot; run the same command again"
+    return (f"{what}: training stopped at iteration {snapshot_iteration(states[-1])} (snapshot {states[-1]}); "
+            f"resume with: {resume}")
+
 
 def caffe_command(solver_path, weights=None, snapshot=None, gpu=None):
     # "stop" ends the loop at the next iteration and Solve() then snapshots (snapshot_after_train):
@@ -187,21 +289,27 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
-def run_caffe(command, out, max_iter):
-    """Runs caffe train, logging to DIR/train.log; returns (curves, status, diverged)."""
+def run_caffe(command, out, max_iter, curves):
+    """Runs caffe train, logging to DIR/train.log and adding to `curves`; returns (status, diverged,
+    stopped_by): the signal (SIGINT, SIGTERM) that made caffe snapshot and stop, or None."""
     from tqdm import tqdm
 
-    curves = TrainingCurves()
-    process = start_logged(command, log_level="0")  # the iteration lines are INFO
+    process, stopped_by = None, []
 
-    def forward(signum, _frame):
-        process.send_signal(signal.SIGINT)  # caffe snapshots on SIGINT, then stops
+    def stop(signum, _frame):
+        stopped_by.append(signum)
+        if process is not None:
+            process.send_signal(signal.SIGINT)  # caffe snapshots on SIGINT, then stops
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # installed before caffe starts, so that no signal finds emotiw without a handler and caffe running
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     diverged = False
-    bar = tqdm(total=max_iter, desc="caffe train", unit="it", disable=None)
+    bar = tqdm(total=max_iter, initial=curves.iteration, desc="caffe train", unit="it", disable=None)
     try:
-        with open(out / "train.log", "a") as log:
+        process = start_logged(command, log_level="0")  # the iteration lines are INFO
+        if stopped_by:  # the signal came while caffe was starting
+            process.send_signal(signal.SIGINT)
+        with open(out / "train.log", "a", buffering=1) as log:  # line by line, for `tail -f`
             for line in process.stdout:
                 log.write(line)
                 event = curves.feed(line)
@@ -225,10 +333,10 @@ def run_caffe(command, out, max_iter):
         bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             process.kill()
     write_curves(curves, out)
-    return curves, status, diverged
+    return status, diverged, stopped_by[0] if stopped_by else None
 
 
 @dataclass
@@ -257,6 +365,11 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     check_images: decode every listed image before training.
     """
     out = Path(out)
+    settings = {"max-iter": max_iter, "base-lr": base_lr, "batch-size": batch_size,
+                "test-batch-size": test_batch_size, "test-interval": test_interval, "test-iter": test_iter,
+                "snapshot": snapshot, "display": display, "input-size": input_size, "num-classes": num_classes,
+                "mean": mean, "bn-moving-average-fraction": bn_moving_average_fraction, "gpu": gpu,
+                "seed": seed, "skip-image-check": not check_images}  # the CLI flags, for the resume command
     out.mkdir(parents=True, exist_ok=True)
     nets.get(net)  # an unknown name fails first, listing the valid ones
     fraction = bn_moving_average_fraction
@@ -285,12 +398,16 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
         check_weights(net, weights, options, show_report=True)
     command = caffe_command(solver_path, weights, state, gpu)
     print("running: " + " ".join(command))
-    curves, status, diverged = run_caffe(command, out, solver.max_iter)
+    curves = resumed_curves(out, state) if state else TrainingCurves()
+    status, diverged, stopped_by = run_caffe(command, out, solver.max_iter, curves)
     last_model = sorted((out / "snapshots").glob("*.caffemodel"), key=os.path.getmtime)
     last = str(last_model[-1]) if last_model else "none"
     if diverged:
         raise UserError(f"the loss diverged (NaN/inf) at iteration {curves.iteration}; training stopped, "
                         f"last snapshot: {last}; lower --base-lr and start again")
+    if stopped_by is not None:
+        raise TrainingStopped(stopped_by, stopped_message(stopped_by, curves, resume_command(
+            net, train, val, out, settings)))
     if status != 0:
         reason = first_fatal_line((out / "train.log").read_text(errors="replace"))
         raise UserError(f"caffe train stopped with status {status} at iteration {curves.iteration} "
