@@ -7,7 +7,7 @@ from pathlib import Path
 import emotiw
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-STAGES = ("preprocess", "detect", "train", "test", "extract", "fuse")
+STAGES = ("preprocess", "detect", "train", "test", "extract", "fuse", "predict")
 
 
 def readme_example():

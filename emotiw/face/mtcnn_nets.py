@@ -26,7 +26,7 @@ import numpy as np
 from emotiw.caffe.env import import_caffe
 from emotiw.caffe.runtime import check_backend, load_net
 from emotiw.errors import UserError
-from emotiw.formats.files import atomic_path, atomic_write_text
+from emotiw.formats.files import atomic_path, atomic_write_text, record_is_current
 from emotiw.nets.backbones import layers_and_params, pool
 
 CONVERTER_VERSION = 1
@@ -202,7 +202,7 @@ def ensure_models(model_dir=DEFAULT_MODEL_DIR):
     files = model_files(model_dir)
     digest = inputs_digest(weights_dir, texts)
     record = model_dir / DIGEST_FILE
-    if is_current(record, digest, files):
+    if record_is_current(record, digest, [path for pair in files.values() for path in pair]):
         return files
     for name, (prototxt, caffemodel) in files.items():
         if not prototxt.is_file() or prototxt.read_text() != texts[name]:
@@ -210,15 +210,6 @@ def ensure_models(model_dir=DEFAULT_MODEL_DIR):
         convert(weights_dir / f"{name}.lz4", prototxt, caffemodel)
     atomic_write_text(record, json.dumps({"sha256": digest, "converter_version": CONVERTER_VERSION}) + "\n")
     return files
-
-
-def is_current(record, digest, files):
-    if not record.is_file() or not all(p.is_file() for pair in files.values() for p in pair):
-        return False
-    try:
-        return json.loads(record.read_text()).get("sha256") == digest
-    except ValueError:  # a damaged record means: convert again
-        return False
 
 
 # ---------------------------------------------------------------------------- inference

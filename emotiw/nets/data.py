@@ -36,6 +36,7 @@ class Inputs:
     val_shuffle: bool = False
     states_shuffle: bool = True    # ImageData writes `shuffle: false` too (the released DSN layers)
     test_reads_list: bool = False  # the test net reads an image list whatever the source type (SSE)
+    scale: Optional[float] = None  # transform_param's multiplier after the mean (None: none)
 
     def resolve(self, options, mode):
         """These defaults overridden by the NetOptions fields that are not None, checked."""
@@ -74,7 +75,7 @@ class Inputs:
         if not values:
             if self.mean_file:
                 return None, self.mean_file
-            values = self.mean_values if channels == 3 else [gray_mean(self.mean_values)]
+            values = self.mean_values if channels == 3 or len(self.mean_values) == 1 else [gray_mean(self.mean_values)]
         if len(values) not in (1, channels):
             expected = "one mean value" if channels == 1 else f"one mean value or {channels}"
             raise UserError(f"{len(values)} mean values for a {channels}-channel input; give {expected}")
@@ -99,7 +100,7 @@ class Inputs:
         """The registry's Preprocessing (its type passed in) of these inputs."""
         return preprocessing_type(input_size=self.input_size, resize=self.resize, crop=self.crop,
                                   mirror=self.mirror, mean_values=self.mean_values,
-                                  mean_file=self.mean_file, scale=None)
+                                  mean_file=self.mean_file, scale=self.scale, channels=self.channels)
 
 
 def gray_mean(bgr):
@@ -124,6 +125,8 @@ def data_layer(inputs, split, phase=None):
                      "test": (inputs.test_source, inputs.test_batch)}[split]
     kwargs = {"ntop": 2, "transform_param": {"crop_size": inputs.crop_size,
                                              "mirror": inputs.mirror and train, **inputs.mean}}
+    if inputs.scale is not None:
+        kwargs["transform_param"]["scale"] = inputs.scale
     if phase is not None:
         kwargs["include"] = {"phase": phase}
     if inputs.source_type == "lmdb" and not (split == "test" and inputs.test_reads_list):

@@ -17,7 +17,8 @@ PROTOTXT_DIR = REPO / "prototxt"
 # The backend `make bench` measured faster on the CPU, per backbone (bench/NOTES.md): Caffe's
 # im2col + OpenBLAS GEMM for the ResNets' 1x1 and large-kernel convolutions, OpenCV's own 3x3
 # kernels for the others. Nets outside the registry run on pycaffe, the reference.
-FASTER_BACKEND = {"ResNet": "pycaffe", "VGG-Face": "opencv", "DenseNet": "opencv", "HoloNet": "opencv"}
+FASTER_BACKEND = {"ResNet": "pycaffe", "VGG-Face": "opencv", "DenseNet": "opencv", "HoloNet": "opencv",
+                  "mini-Xception": "opencv"}
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,11 @@ class NetRef:
 
     @property
     def paper(self):
-        """"dsn" or "sse": whose preprocessing the net expects; a net outside the registry is an SSE one
-        when its name says so (sse_...)."""
+        """"dsn" or "sse": whose preprocessing the net expects ("sse": its test.prototxt data layer's
+        transform, which every registered net but DSN's gets); a net outside the registry is an SSE
+        one when its name says so (sse_...)."""
         if self.entry is not None:
-            return self.entry.paper.lower()
+            return "dsn" if self.entry.paper == "DSN" else "sse"
         return "sse" if self.name.startswith("sse_") else "dsn"
 
     @property
