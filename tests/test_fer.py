@@ -82,3 +82,6 @@ def test_emotiw_test_scores_real_faces_with_it(caffemodel, tmp_path):
     direct = OpenCVNet(DEPLOY, caffemodel).forward(batch, ["prob"])["prob"].reshape(len(crops), -1)
     scores = np.loadtxt(tmp_path / "scores" / "scores.txt", ndmin=2)
     np.testing.assert_allclose(scores[0], direct.mean(axis=0), atol=1e-5)
+    # the same results as pandas tables
+    assert len(result.frames) == 4 and len(result.clips) == 1
+    np.testing.assert_allclose(result.frames[list(EMOTIONS)].to_numpy(), direct, atol=1e-5)

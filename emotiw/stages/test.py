@@ -255,6 +255,20 @@ class TestResult:
     def accuracy(self):
         return self.metrics["accuracy"]
 
+    @property
+    def clips(self):
+        """predictions.csv (one row per clip: label, prediction, the 7 scores) as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "predictions.csv")
+
+    @property
+    def frames(self):
+        """frames.csv (one row per face frame: its probabilities) as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "frames.csv")
+
 
 def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=("prob",), preprocess=None,
          mean_file=None, prior_list=None, allow_partial=False):
