@@ -117,6 +117,13 @@ def test_a_finished_video_is_skipped_and_bad_videos_are_one_line_each(clip, pred
     assert main(["predict", str(no_face), "--out", str(tmp_path / "none")]) == 2
 
 
+def test_without_out_the_outputs_go_to_predictions_in_the_working_folder(clip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(clip[0]), "--every", "20", "--no-video"]) == 0
+    assert sorted(path.name for path in (tmp_path / "predictions" / "carphone").iterdir()) == \
+        ["frames.csv", "summary.json", "timeline.png"]
+
+
 def test_weights_without_a_net_is_one_line(tmp_path, capsys):
     assert main(["predict", "x.mp4", "--out", str(tmp_path), "--weights", "w.caffemodel"]) == 2
     assert "give --net and --weights together" in capsys.readouterr().err

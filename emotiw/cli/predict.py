@@ -10,7 +10,8 @@ def register(subparsers):
         "predict", help="videos -> emotions per frame (frames.csv, summary.json, timeline.png, annotated.mp4)",
         description=__doc__.splitlines()[0] + ". Without --net, the embedded fer2013_mini_xception model.")
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any container FFmpeg reads)")
-    parser.add_argument("--out", metavar="DIR", required=True, help="output folder: one DIR/<video>/ per video")
+    parser.add_argument("--out", metavar="DIR", default="predictions",
+                        help="output folder: one DIR/<video>/ per video (default: ./predictions)")
     parser.add_argument("--net", help="a registered net or a deploy prototxt (with --weights)")
     parser.add_argument("--weights", metavar="FILE", help="its .caffemodel")
     parser.add_argument("--mode", choices=("dsn", "sse"), help="face crops (default: the net's paper)")
