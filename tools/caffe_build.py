@@ -37,6 +37,7 @@ APT_PACKAGES = [
     "libprotobuf-dev", "protobuf-compiler", "libgoogle-glog-dev", "libgflags-dev",
     "libhdf5-dev", "libleveldb-dev", "liblmdb-dev", "libsnappy-dev",
     "libopenblas-dev", "libopencv-dev", "ffmpeg",
+    "espeak-ng",  # real speech for the audio tests and the demo
 ]
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "emotiw.cli.test",
     "emotiw.cli.extract",
     "emotiw.cli.predict",
+    "emotiw.cli.features",
     "emotiw.cli.demo",
 ]
 
