@@ -274,3 +274,46 @@ def test_mat_variable_can_be_named_on_the_command_line(tmp_path, capsys):
     assert code == 0, err
     np.testing.assert_allclose(read_scores(tmp_path / "out" / "scores.txt").scores,
                                (3 * stack[1] + stack[0]) / 4, rtol=1e-5)
+
+
+def test_a_model_without_some_clips_leaves_them_to_the_others_with_renormalised_weights(tmp_path, capsys):
+    """An audio model lacks clips without sound: those clips fuse the other models alone, their
+    weights renormalised; never as if the missing model had scored zeros."""
+    names = [f"clip{index:02d}" for index in range(6)]
+    labels = [0, 1, 2, 3, 4, 5]
+    cnn, audio = random_stack(2, 6, seed=21)
+    write_predictions_csv(tmp_path / "cnn.csv", names, labels, cnn)
+    kept = [0, 2, 3, 5]  # clips 1 and 4 have no audio score
+    write_predictions_csv(tmp_path / "audio.csv", [names[k] for k in kept], [labels[k] for k in kept], audio[kept])
+    code, _, err = run_fuse(capsys, tmp_path / "audio.csv", tmp_path / "cnn.csv", "--weights", 7, 1,
+                            "--out", tmp_path / "out")
+    assert code == 0, err
+    fused = read_scores(tmp_path / "out" / "predictions.csv")
+    assert fused.clips == names  # the reference: the file with the most clips, in its order
+    expected = cnn.copy()
+    expected[kept] = (7 * audio[kept] + cnn[kept]) / 8
+    np.testing.assert_allclose(fused.scores, expected, atol=1e-6)
+    summary = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    assert [model["missing_clips"] for model in summary["models"]] == [2, 0]
+    assert summary["test"]["models"][0] == pytest.approx(
+        np.mean(audio[kept].argmax(axis=1) == np.array(labels)[kept]))  # over the clips it has
+
+
+def test_missing_clips_take_part_in_the_weight_search(tmp_path):
+    from emotiw.stages.fuse import fuse_stack
+
+    stack = random_stack(2, 50, seed=22)
+    stack[0, ::5] = np.nan  # model 0 lacks every fifth clip
+    fused = fuse_stack(stack, [1.0, 0.0])
+    np.testing.assert_allclose(fused[::5], stack[1, ::5])  # weight 0 left alone: the plain mean of who has it
+    labels = np.random.default_rng(23).integers(0, 7, 50)
+    found = search_weights(stack, labels, step=0.1)
+    assert np.isfinite(found.log_likelihood) and found.weights.sum() == pytest.approx(1)
+
+
+def test_a_clip_in_no_file_or_a_stranger_is_one_line(tmp_path, capsys):
+    a, b = random_stack(2, 3, seed=24)
+    write_predictions_csv(tmp_path / "a.csv", ["x", "y", "z"], None, a)
+    write_predictions_csv(tmp_path / "b.csv", ["x", "w"], None, b[:2])
+    code, _, err = run_fuse(capsys, tmp_path / "a.csv", tmp_path / "b.csv", "--out", tmp_path / "out")
+    assert code == 2 and "clip w is not in" in err

@@ -4,6 +4,12 @@ fused = sum_i w_i * s_i / sum_i w_i, the rule behind SSE's EmotiW 2017 submissio
 The weights are given, or searched on validation scores: an exhaustive grid on the simplex for up to
 five models, coordinate ascent on the same grid beyond. The objective is validation accuracy; ties
 go to the higher mean log-likelihood, then to the weights closest to uniform.
+
+A model may lack some clips (an audio model has no score for a clip without sound): score files
+with clip names are matched by name against the reference (the video list, else the file with the
+most clips), and for a clip a model lacks the sums run over the models that have it, so the
+remaining weights are renormalised; a missing score is never taken as zeros. A clip whose models
+with a score all have weight 0 gets their plain mean.
 """
 
 import itertools
@@ -63,10 +69,20 @@ def unit_weights(weights):
 
 
 def fuse_many(stack, weights):
-    """Fused scores (K, N, C) of a model stack (M, N, C) under K weight vectors (K, M)."""
+    """Fused scores (K, N, C) of a model stack (M, N, C) under K weight vectors (K, M); NaN rows
+    of the stack (a model without that clip) leave the clip to the other models."""
     models, clips, classes = stack.shape
-    fused = unit_weights(weights) @ stack.reshape(models, clips * classes)
-    return fused.reshape(len(fused), clips, classes)
+    weights = unit_weights(weights)
+    present = ~np.isnan(stack[:, :, 0])
+    if present.all():
+        return (weights @ stack.reshape(models, clips * classes)).reshape(len(weights), clips, classes)
+    filled = np.where(present[:, :, None], stack, 0.0).reshape(models, clips * classes)
+    fused = (weights @ filled).reshape(len(weights), clips, classes)
+    totals = weights @ present  # (K, N): the weight of the models that have each clip
+    plain_mean = filled.reshape(models, clips, classes).sum(axis=0) / present.sum(axis=0)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        renormalised = fused / totals[:, :, None]
+    return np.where(totals[:, :, None] > 0, renormalised, plain_mean[None])
 
 
 def fuse_stack(stack, weights):
@@ -211,31 +227,53 @@ def read_score_spec(spec):
 
 
 def aligned_clips(tables, video_list=None):
-    """Checks that all tables hold the same clips in the same order; returns (clips, labels).
+    """Checks that all tables hold the same clips in the same order, or (named) a subset of them;
+    returns (clips, labels, rows): rows[m][n] is the row of table m holding clip n, or -1.
 
-    The reference is the video list when given, else the first table. Clip names come from the
-    list, else from the first table that has them, else they are numbered.
+    The reference is the video list when given, else the named table with the most clips, else the
+    first table. Clip names come from the list, else from that table, else they are numbered.
     """
     if video_list is not None:
         clips, labels = read_list(video_list)
         reference = f"the video list {video_list}"
     else:
-        clips = next((table.clips for table in tables if table.clips is not None), None)
+        named = [table for table in tables if table.clips is not None]
+        longest = max(named, key=len) if named else tables[0]
+        clips = longest.clips
         labels = None
-        reference = f"{tables[0].path}"
+        reference = f"{longest.path}"
     count = len(clips) if clips is not None else len(tables[0])
-    for table in tables:
+    rows = [_rows_by_name(table, clips, reference) if clips is not None and table.clips is not None
+            and len(table) < count else None for table in tables]
+    for table, matched in zip(tables, rows):
+        if matched is not None:
+            continue
         if len(table) != count:
             row = min(len(table), count) + 1
             raise UserError(f"{table.path}: {len(table)} rows but {reference} has {count}: "
                             f"row {row} is {'missing' if len(table) < count else 'extra'}")
         _check_clip_names(table, clips, reference)
     if labels is None:
-        labels = next((table.labels for table in tables if table.labels is not None), None)
+        labels = next((table.labels for table, matched in zip(tables, rows)
+                       if table.labels is not None and matched is None), None)
     if clips is None:
         width = max(4, len(str(count)))
         clips = [f"{index:0{width}d}" for index in range(1, count + 1)]
-    return clips, labels
+    rows = [np.arange(count) if matched is None else matched for matched in rows]
+    covered = np.any([matched >= 0 for matched in rows], axis=0)
+    if not covered.all():
+        raise UserError(f"clip {clips[int(np.argmin(covered))]} has a score in none of the files")
+    return clips, labels, rows
+
+
+def _rows_by_name(table, clips, reference):
+    """Where each reference clip is in a table that lacks some: its row, or -1."""
+    where = {clip_stem(clip): row for row, clip in enumerate(table.clips)}
+    known = {clip_stem(clip) for clip in clips}
+    stranger = next((clip for clip in table.clips if clip_stem(clip) not in known), None)
+    if stranger is not None:
+        raise UserError(f"{table.path}: clip {stranger} is not in {reference}")
+    return np.array([where.get(clip_stem(clip), -1) for clip in clips], dtype=np.int64)
 
 
 def _check_clip_names(table, clips, reference):
@@ -247,8 +285,14 @@ def _check_clip_names(table, clips, reference):
                             "score files must list the same clips in the same order")
 
 
-def _stack(tables, normalize):
-    return normalize_scores(np.stack([table.scores for table in tables]), normalize)
+def _stack(tables, normalize, rows):
+    """(M, N, C) normalised scores in the reference's clip order, NaN where a model lacks a clip."""
+    stack = []
+    for table, matched in zip(tables, rows):
+        scores = normalize_scores(table.scores.astype(np.float64), normalize)[np.maximum(matched, 0)]
+        scores[matched < 0] = np.nan
+        stack.append(scores)
+    return np.stack(stack)
 
 
 def _check_arguments(scores, weights, search, val_scores, names, step):
@@ -276,20 +320,22 @@ def _validation(val_scores, val_labels, normalize):
     if val_scores is None:
         return None
     tables = [read_score_spec(spec) for spec in val_scores]
-    _, labels = aligned_clips(tables, val_labels)
+    _, labels, rows = aligned_clips(tables, val_labels)
     if labels is None:
         raise UserError("validation labels are missing: give --val-labels LIST with `<clip> <label>` lines")
     unknown = np.flatnonzero(labels < 0)
     if len(unknown):
         raise UserError(f"validation clip {unknown[0] + 1} has no label ({val_labels or val_scores[0]})")
-    return _stack(tables, normalize), labels
+    return _stack(tables, normalize, rows), labels
 
 
 def _accuracies(stack, labels, weights):
     """Accuracy of every single model and of the fusion, or None without labels."""
     if labels is None or np.any(labels < 0):
         return None
-    singles = [float(count_correct(scores, labels)) / len(labels) for scores in stack]
+    present = ~np.isnan(stack[:, :, 0])  # a model's accuracy is over the clips it has
+    singles = [float(count_correct(scores[has], labels[has])) / max(1, int(has.sum()))
+               for scores, has in zip(stack, present)]
     fused = fuse_stack(stack, weights)
     return {"models": singles, "fusion": float(count_correct(fused, labels)) / len(labels),
             "fusion_log_likelihood": float(mean_log_likelihood(fused, labels)), "clips": len(labels)}
@@ -343,7 +389,7 @@ def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=No
     val_scores = None if val_scores is None else [str(spec) for spec in val_scores]
     _check_arguments(scores, weights, search, val_scores, names, step)
     tables = [read_score_spec(spec) for spec in scores]
-    clips, labels = aligned_clips(tables, videos)
+    clips, labels, rows = aligned_clips(tables, videos)
     names = names or [Path(split_score_spec(spec)[0]).stem for spec in scores]
     validation = _validation(val_scores, val_labels, normalize)
     found = None
@@ -353,7 +399,7 @@ def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=No
     else:
         weights = np.asarray(weights or [1.0] * len(tables), dtype=np.float64)
     units = unit_weights(weights)
-    stack = _stack(tables, normalize)
+    stack = _stack(tables, normalize, rows)
     fused = fuse_stack(stack, weights)
     if not np.isfinite(fused).all():
         raise UserError("the fused scores overflow (score values near 1e308); scale the score files down "
@@ -367,8 +413,9 @@ def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=No
     write_scores_txt(out / "scores.txt", fused)
     write_predictions_csv(out / "predictions.csv", clips, labels, fused)
     summary = {
-        "models": [{"name": name, "scores": spec, "weight": float(weight), "unit_weight": float(unit)}
-                   for name, spec, weight, unit in zip(names, scores, weights, units)],
+        "models": [{"name": name, "scores": spec, "weight": float(weight), "unit_weight": float(unit),
+                    "missing_clips": int((matched < 0).sum())}
+                   for name, spec, weight, unit, matched in zip(names, scores, weights, units, rows)],
         "rule": "fused = sum_i w_i * s_i / sum_i w_i",
         "normalize": normalize,
         "search": None if found is None else {"method": found.method, "step": step,
