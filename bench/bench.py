@@ -571,6 +571,31 @@ def bench_features(plan, results, work):
     searches = measure(lambda: fuse.search_weights(stack, labels, step), 1, plan)
     results.add("features", f"fusion weight search, {models} models x {clips} clips, step {step}",
                 "emotiw.stages.fuse.search_weights", [1 / rate for rate in searches], "s (lower is better)")
+    bench_descriptors(plan, results, work)
+
+
+def bench_descriptors(plan, results, work):
+    """openSMILE functionals of a spoken clip (espeak-ng, decoded by PyAV) and LBP-TOP of a face
+    volume: the audio and hand-crafted models' inputs."""
+    import shutil
+
+    from emotiw.descriptors.audio import AudioDescriptor
+    from emotiw.descriptors.lbptop import lbp_top
+
+    if shutil.which("espeak-ng") is None:
+        results.skipped.append("features audio: espeak-ng is not installed (make install adds it)")
+    else:
+        speech = work / "speech.wav"
+        subprocess.run(["espeak-ng", "-w", str(speech), "I did not expect to see you here, what a surprise."],
+                       check=True)
+        for feature_set in ("eGeMAPSv02", "ComParE_2016"):
+            describe = AudioDescriptor(feature_set)
+            results.add("features", f"audio functionals, 1 spoken clip ({feature_set}, {len(describe.names)} values)",
+                        "PyAV + opensmile", measure(lambda: describe(speech), 1, plan), "clips/s")
+    frames = 16 if plan.quick else 64
+    volume = np.random.default_rng(0).integers(0, 256, (frames, 64, 64), dtype=np.uint8)
+    results.add("features", f"LBP-TOP, {frames} frames of 64x64, 4x4 blocks", "skimage local_binary_pattern",
+                measure(lambda: lbp_top(volume), frames, plan), "frames/s")
 
 
 # ---------------------------------------------------------------------------------------------
