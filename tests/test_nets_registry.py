@@ -50,34 +50,47 @@ def image_list(tmp_path_factory):
     return write_image_list(tmp_path_factory.mktemp("images"), 128)
 
 
-def small_options(name, image_list):
-    """Batch 2 on the tiny list, mean values instead of the released mean files (not bundled); the
-    DSN nets at 64 px (their 224 only costs time)."""
+@pytest.fixture(scope="module")
+def feature_list(tmp_path_factory):
+    """4 random 88-value feature vectors for the classifier nets, as `emotiw features` writes them."""
+    from emotiw.stages.features import write_feature_file
+
+    rng = np.random.default_rng(0)
+    return str(write_feature_file(tmp_path_factory.mktemp("features"), "train", rng.normal(0, 1, (4, 88)),
+                                  [0, 1, 2, 3]))
+
+
+def small_options(name, image_list, feature_list=""):
+    """Batch 2 on the tiny list (feature nets: the tiny HDF5 list), mean values instead of the
+    released mean files (not bundled); the DSN nets at 64 px (their 224 only costs time)."""
     size = 64 if nets.get(name).paper == "DSN" else None
-    mean = (104, 117, 123) if nets.get(name).preprocessing.channels == 3 else None  # gray nets: their own
+    channels = nets.get(name).preprocessing.channels
+    mean = (104, 117, 123) if channels == 3 else None  # gray nets: their own; feature nets: none
+    source = feature_list if channels == 0 else image_list
     return NetOptions(input_size=size, train_batch=2, test_batch=2, source_type="list",
-                      train_source=image_list, val_source=image_list, mean_values=mean)
+                      train_source=source, val_source=source, mean_values=mean)
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory, image_list):
+def written(tmp_path_factory, image_list, feature_list):
     out = tmp_path_factory.mktemp("nets")
-    return {name: nets.write_net(name, out / name, small_options(name, image_list)) for name in NAMES}
+    return {name: nets.write_net(name, out / name, small_options(name, image_list, feature_list)) for name in NAMES}
 
 
-def test_registry_has_the_5_dsn_15_sse_nets_and_the_fer_model():
+def test_registry_has_the_5_dsn_15_sse_nets_the_fer_model_and_the_feature_classifiers():
     assert NAMES[:5] == ["vgg_face", "dsn_vgg_face", "dsn_resnet", "dsn_resnet50", "densenet121"]
     sse = [f"sse_{backbone}_{variant}" for backbone in ("holonet", "densenet121", "resnet50")
            for variant in ("original", "3conv-s_eltwise", "3conv-s_concat", "4conv-c_eltwise",
                            "4conv-c_concat")]
-    assert sorted(NAMES[5:20]) == sorted(sse) and NAMES[20:] == ["fer2013_mini_xception"]
+    assert sorted(NAMES[5:20]) == sorted(sse)
+    assert NAMES[20:] == ["fer2013_mini_xception", "audio_linear_svm", "audio_mlp"]
     released = sorted(name for name in NAMES if nets.get(name).released)
     assert released == ["densenet121", "dsn_resnet", "dsn_vgg_face", "fer2013_mini_xception",
                         "sse_densenet121_3conv-s_concat", "sse_holonet_3conv-s_concat",
                         "sse_resnet50_4conv-c_concat", "vgg_face"]
     for name in NAMES:
         entry = nets.get(name)
-        assert entry.paper in nets.PAPERS and entry.preprocessing.input_size in (64, 128, 224)
+        assert entry.paper in nets.PAPERS and entry.preprocessing.input_size in (64, 88, 128, 224)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -225,7 +225,7 @@ def test_auto_backend_follows_the_backbone(tmp_path):
     from emotiw import nets
 
     for name in nets.names():
-        expected = "pycaffe" if "ResNet" in nets.get(name).backbone else "opencv"
+        expected = "pycaffe" if "ResNet" in nets.get(name).backbone or nets.get(name).paper == "features" else "opencv"
         assert auto_backend(name) == expected
         assert auto_backend(REPO / "prototxt" / name / "deploy.prototxt") == expected  # a path names it too
     assert {auto_backend("vgg_face"), auto_backend("dsn_resnet50")} == {"opencv", "pycaffe"}

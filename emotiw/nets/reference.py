@@ -18,7 +18,7 @@ PROTOTXT_DIR = REPO / "prototxt"
 # im2col + OpenBLAS GEMM for the ResNets' 1x1 and large-kernel convolutions, OpenCV's own 3x3
 # kernels for the others. Nets outside the registry run on pycaffe, the reference.
 FASTER_BACKEND = {"ResNet": "pycaffe", "VGG-Face": "opencv", "DenseNet": "opencv", "HoloNet": "opencv",
-                  "mini-Xception": "opencv"}
+                  "mini-Xception": "opencv", "linear SVM": "pycaffe", "MLP": "pycaffe"}
 
 
 @dataclass(frozen=True)

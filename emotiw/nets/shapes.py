@@ -115,6 +115,13 @@ def _data(layer, bottoms, data_shape):
     return _data_tops(layer, layer.data_param.batch_size, channels, (0, 0), data_shape)
 
 
+def _hdf5_data(layer, bottoms, data_shape):
+    if not data_shape:
+        raise UserError(f"HDF5Data layer '{layer.name}': give the feature dimension")
+    tops = [(layer.hdf5_data_param.batch_size, *data_shape), (layer.hdf5_data_param.batch_size,)]
+    return tops[:len(layer.top)], []
+
+
 def _data_tops(layer, batch, channels, resize, data_shape):
     crop = layer.transform_param.crop_size
     if crop:
@@ -253,7 +260,7 @@ def _silence(layer, bottoms, data_shape):
 
 
 _HANDLERS = {
-    "Input": _input, "ImageData": _image_data, "Data": _data,
+    "Input": _input, "ImageData": _image_data, "Data": _data, "HDF5Data": _hdf5_data,
     "Convolution": _convolution, "Deconvolution": _convolution, "Pooling": _pooling,
     "InnerProduct": _inner_product, "BatchNorm": _batch_norm, "Scale": _scale,
     "Concat": _concat, "Eltwise": _eltwise, "Crop": _crop, "Flatten": _flatten,

@@ -73,9 +73,8 @@ def features(out, kind, split=None, videos=None, faces=None, labels=None, label_
         _write_errors(folder, problems)
         raise UserError(f"no clip of split {split} gave {kind} features; see {folder / 'errors.csv'}")
     data = np.stack(values).astype(np.float32)
-    h5 = inside(out, kind, f"{split}.h5")
-    _write_h5(h5, data, np.array([label for _, label in rows], dtype=np.float32))
-    atomic_write_text(inside(out, kind, f"{split}.txt"), f"{h5.resolve()}\n")
+    write_feature_file(folder, split, data, [label for _, label in rows])
+    h5 = folder / f"{split}.h5"
     with atomic_open(inside(out, kind, f"{split}_clips.csv"), "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["row", "clip", "label"])
@@ -134,13 +133,19 @@ def face_volume(folder, size=LBP_SIZE):
     return np.stack(images)
 
 
-def _write_h5(path, data, labels):
+def write_feature_file(folder, split, data, labels):
+    """`folder/<split>.h5` (`data` N x D and `label` N, float32, for Caffe's HDF5Data) and the
+    source file that lists it, `folder/<split>.txt`; returns the source file."""
     import h5py
 
-    with atomic_path(path) as tmp:
+    h5 = inside(folder, f"{split}.h5")
+    with atomic_path(h5) as tmp:
         with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("data", data=data)
-            handle.create_dataset("label", data=labels)
+            handle.create_dataset("data", data=np.asarray(data, dtype=np.float32))
+            handle.create_dataset("label", data=np.asarray(labels, dtype=np.float32))
+    source = inside(folder, f"{split}.txt")
+    atomic_write_text(source, f"{h5.resolve()}\n")
+    return source
 
 
 def _write_errors(folder, problems):

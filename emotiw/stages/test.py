@@ -30,6 +30,7 @@ from emotiw.formats.lists import NO_LABEL, list_frames, read_list, resolve_liste
 from emotiw.formats.scores import format_score, write_predictions_csv, write_scores_txt
 from emotiw.metrics import classification_metrics, compact_json, plot_confusion
 from emotiw.nets.reference import resolve_net
+from emotiw.stages.train import feature_set_of, read_features, source_type
 
 AGGREGATIONS = ("mean", "sum")
 CHECKPOINT_NAME = ".test-checkpoint.npz"
@@ -289,6 +290,8 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
         raise UserError(f"--batch must be at least 1, not {batch}")
     check_backend(backend)
     ref = resolve_net(net, "deploy")
+    if Path(videos).is_file() and source_type(videos) == "hdf5":
+        return test_features(ref, weights, videos, out, backend, batch, allow_partial)
     deploy = ref.file
     clips = read_clips(videos)
     if not any(clip.frames for clip in clips):
@@ -331,6 +334,49 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
               "fallback_scores": prior.tolist()}
     files = write_outputs(out, clips, blobs, scores, readable, clip_scores, faces, metrics, config)
     checkpoint.unlink(missing_ok=True)
+    return TestResult(out=out, metrics={**metrics, "config": config}, files=files)
+
+
+def test_features(ref, weights, source, out, backend="auto", batch=16, allow_partial=False):
+    """`test` for a classifier of feature vectors (audio_linear_svm, audio_mlp): the HDF5 features
+    `emotiw features` wrote, standardised with the statistics the training stored beside the deploy
+    net (standardisation.json), one row per clip; the same scores.txt, predictions.csv and
+    metrics.json as for videos (no frames.csv)."""
+    deploy = ref.file
+    stats_file = deploy.parent / "standardisation.json"
+    if not stats_file.is_file():
+        raise UserError(f"{stats_file} not found: feature nets are tested with the deploy.prototxt of their "
+                        "training run (emotiw train writes standardisation.json beside it)")
+    stats = json.loads(stats_file.read_text())
+    data, labels = read_features(source)
+    if data.shape[1] != stats["dimension"] or feature_set_of(source) != stats["feature_set"]:
+        raise UserError(f"{source} holds {data.shape[1]} values of {feature_set_of(source)} per clip but the "
+                        f"net was trained on {stats['dimension']} of {stats['feature_set']} ({stats_file})")
+    check_weights(str(deploy), weights, allow_partial=allow_partial)
+    runner, backend = load_net(deploy, weights, backend, ref.preferred_backend)
+    standardised = ((data - np.asarray(stats["mean"])) / np.asarray(stats["std"])).astype(np.float32)
+    scores = np.concatenate([runner.forward(standardised[start:start + batch], ["prob"])["prob"].reshape(-1, len(EMOTIONS))
+                             for start in range(0, len(standardised), batch)])
+    clips_file = Path(source).with_name(f"{Path(source).stem}_clips.csv")
+    if clips_file.is_file():
+        with open(clips_file, newline="") as handle:
+            clips = [row["clip"] for row in csv.DictReader(handle)]
+    else:
+        clips = [f"{index:04d}" for index in range(1, len(scores) + 1)]
+    labels = labels.astype(np.int64)
+    metrics = {"clips": len(clips), "clips_with_faces": len(clips), "fallback_clips": 0, "frames": 0,
+               **(clip_metrics(labels, scores, np.ones(len(clips))) or {"accuracy": None})}
+    config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "features": str(source),
+              "backend": backend, "batch": batch, "standardisation": str(stats_file)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "scores.txt", out / "predictions.csv", out / "metrics.json"]
+    write_scores_txt(files[0], scores)
+    write_predictions_csv(files[1], clips, labels, scores)
+    atomic_write_text(files[2], compact_json({**metrics, "config": config}))
+    if metrics.get("confusion_matrix") is not None:
+        files.append(out / "confusion.png")
+        plot_confusion(metrics["confusion_matrix"], files[-1], f"{ref.name}: accuracy {metrics['accuracy']:.4f}")
     return TestResult(out=out, metrics={**metrics, "config": config}, files=files)
 
 

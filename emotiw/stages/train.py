@@ -4,6 +4,7 @@ run the real `caffe train` binary while showing its progress and plotting its cu
 import collections
 import contextlib
 import csv
+import json
 import math
 import os
 import shlex
@@ -19,7 +20,7 @@ from emotiw.caffe.tools import first_fatal_line, run_tool, start_logged
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
 from emotiw.formats.db import lmdb_labels
-from emotiw.formats.files import atomic_open, atomic_path
+from emotiw.formats.files import atomic_open, atomic_path, atomic_write_text
 from emotiw.formats.lists import read_list, resolve_listed_path
 from emotiw.nets.options import NetOptions
 from emotiw.processes import Terminated
@@ -31,7 +32,8 @@ MEAN_SAMPLE = 1000  # images whose mean colour stands for a list's when the imag
 # ---------------------------------------------------------------- data sources
 
 def source_type(path):
-    """ImageData list (a text file) or LMDB (a directory with data.mdb)."""
+    """ImageData list (a text file), LMDB (a directory with data.mdb) or HDF5 features (a text file
+    listing .h5 files, as `emotiw features` writes it)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "data.mdb").exists():
@@ -39,7 +41,58 @@ def source_type(path):
         return "lmdb"
     if not path.is_file():
         raise UserError(f"{path} not found; pass an ImageData list file (`<image> <label>` per line) or an LMDB")
-    return "list"
+    with open(path, errors="replace") as handle:
+        first = next((line.strip() for line in handle if line.strip()), "")
+    return "hdf5" if first.lower().endswith((".h5", ".hdf5")) else "list"
+
+
+# ---------------------------------------------------------------- feature vectors (HDF5)
+
+def read_features(source):
+    """(data N x D, labels N) of every .h5 file an HDF5Data source lists."""
+    import h5py
+    import numpy as np
+
+    data, labels = [], []
+    for entry in Path(source).read_text().split():
+        path = resolve_listed_path(entry, source)
+        try:
+            with h5py.File(path, "r") as handle:
+                data.append(handle["data"][()].reshape(len(handle["data"]), -1))
+                labels.append(handle["label"][()].reshape(-1))
+        except (OSError, KeyError) as error:
+            raise UserError(f"{source}: {path} is no HDF5 file with `data` and `label` ({error}); "
+                            "make it with emotiw features") from None
+    return np.concatenate(data).astype(np.float64), np.concatenate(labels)
+
+
+def feature_set_of(source):
+    """features.json's feature set beside an HDF5Data source, or None."""
+    described = Path(source).parent / "features.json"
+    return json.loads(described.read_text()).get("feature_set") if described.is_file() else None
+
+
+def standardise(train, val, out):
+    """Standardised copies of the train and val features (the train mean and std, a std of 0
+    counting as 1) in OUT/standardised/, those statistics in OUT/standardisation.json; returns
+    (train source, val source, dimension)."""
+    import numpy as np
+
+    from emotiw.stages.features import write_feature_file
+
+    (train_data, train_labels), (val_data, val_labels) = read_features(train), read_features(val)
+    if train_data.shape[1] != val_data.shape[1] or feature_set_of(train) != feature_set_of(val):
+        raise UserError(f"--train {train} holds {train_data.shape[1]} values of {feature_set_of(train)} per clip "
+                        f"but --val {val} {val_data.shape[1]} of {feature_set_of(val)}; describe both the same way")
+    mean, std = train_data.mean(axis=0), train_data.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    sources = []
+    for name, data, labels in (("train", train_data, train_labels), ("val", val_data, val_labels)):
+        sources.append(write_feature_file(out / "standardised", name, (data - mean) / std, labels))
+    atomic_write_text(out / "standardisation.json", json.dumps(
+        {"feature_set": feature_set_of(train), "dimension": int(train_data.shape[1]), "mean": mean.tolist(),
+         "std": std.tolist(), "train": str(Path(train).resolve())}) + "\n")
+    return sources[0], sources[1], int(train_data.shape[1])
 
 
 @contextlib.contextmanager
@@ -128,8 +181,11 @@ def preflight(train, val, num_classes, check_images=True):
     """Checks both sources; returns the training images' mean BGR colour (None for LMDBs)."""
     means = {}
     for name, path in (("train", train), ("val", val)):
-        if source_type(path) == "list":
+        kind = source_type(path)
+        if kind == "list":
             labels, means[name] = scan_list(path, check_images)
+        elif kind == "hdf5":
+            labels, means[name] = [int(label) for label in read_features(path)[1]], None
         else:
             labels, means[name] = lmdb_labels(path), None
         print_histogram(f"{name} ({path})", check_labels(name, labels, num_classes), num_classes)
@@ -144,8 +200,8 @@ def training_mean(net, train, out, mean, train_mean):
         if not Path(mean).is_file():
             raise UserError(f"--mean {mean} not found")
         return {"mean_file": str(Path(mean).resolve())}
-    if nets.get(net).preprocessing.mean_values:
-        return {}
+    if nets.get(net).preprocessing.mean_values or nets.get(net).preprocessing.channels == 0:
+        return {}  # feature vectors are standardised instead
     if train_mean is not None:
         print(f"no --mean given and {net} used a mean file: subtracting the training images' "
               f"mean colour (B, G, R) = {train_mean}")
@@ -168,7 +224,7 @@ def write_training_files(net, train, val, out, options, overrides):
     """DIR/{train_val,test,deploy,solver}.prototxt with the user's sources and overrides."""
     kind = source_type(train)
     if source_type(val) != kind:
-        raise UserError("--train and --val must both be list files or both be LMDBs")
+        raise UserError("--train and --val must both be list files, both LMDBs or both HDF5 feature lists")
     options = replace(options, train_source=str(Path(train).resolve()), val_source=str(Path(val).resolve()),
                       source_type=kind)
     (out / "snapshots").mkdir(exist_ok=True)
@@ -375,7 +431,13 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     fraction = bn_moving_average_fraction
     if fraction is not None and not 0 < fraction < 1:
         raise UserError(f"--bn-moving-average-fraction must be between 0 and 1 (exclusive), not {fraction}")
+    reads_features = nets.get(net).preprocessing.channels == 0
+    if reads_features != (source_type(train) == "hdf5"):
+        raise UserError(f"{net} reads {'feature vectors: give the HDF5 lists emotiw features writes' if reads_features else 'images: give ImageData lists or LMDBs'} as --train and --val")
     train_mean = preflight(train, val, num_classes, check_images=check_images)
+    sources = (train, val)
+    if reads_features:
+        *sources, input_size = standardise(train, val, out)
     options = NetOptions(train_batch=batch_size, test_batch=test_batch_size, num_classes=num_classes,
                          input_size=input_size, bn_moving_average_fraction=fraction,
                          **training_mean(net, train, out, mean, train_mean))
@@ -385,7 +447,7 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     overrides.update(random_seed=seed, snapshot_after_train=True)
     if gpu is not None:
         overrides["solver_mode"] = 1  # SolverParameter.GPU
-    solver_path, solver, options = write_training_files(net, train, val, out, options, overrides)
+    solver_path, solver, options = write_training_files(net, *sources, out, options, overrides)
     state = None
     if resume:
         state = newest_solverstate(out)
