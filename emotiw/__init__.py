@@ -12,6 +12,7 @@ raising UserError for an expected failure (bad input, a missing piece):
     fuse(scores, out, weights=... | search=True, ...) -> FuseResult   weighted score fusion
     predict(videos, out, net=None, weights=None, ...) -> PredictResult
         your own videos -> emotions per frame (the embedded fer2013_mini_xception model by default)
+    export(net, weights, onnx, opset=17) -> ExportResult   a deploy net and its caffemodel as ONNX
     nets                                          the registry of the DSN and SSE nets (nets.names())
 
 Stages talk through files: preprocess writes OUT/lists/<split>.txt (frames, for train and extract)
@@ -33,7 +34,7 @@ NO_LABEL = -1
 # which the installer, run by the system Python, relies on.
 _STAGES = {"preprocess": "emotiw.stages.preprocess", "detect": "emotiw.stages.detect",
            "train": "emotiw.stages.train", "test": "emotiw.stages.test", "extract": "emotiw.stages.extract",
-           "fuse": "emotiw.stages.fuse", "predict": "emotiw.stages.predict"}
+           "fuse": "emotiw.stages.fuse", "predict": "emotiw.stages.predict", "export": "emotiw.stages.export"}
 __all__ = ["EMOTIONS", "NO_LABEL", "UserError", *_STAGES, "nets"]
 
 

@@ -122,7 +122,7 @@ def _blob_shape(path, layer, blob):
     return shape
 
 
-def _same_shape(net_shape, file_shape):
+def same_shape(net_shape, file_shape):
     """Blob::ShapeEquals: legacy 4-D file shapes compare with the net shape padded by leading 1s."""
     if len(file_shape) == 4 and len(net_shape) < 4:
         net_shape = (1,) * (4 - len(net_shape)) + tuple(net_shape)
@@ -153,7 +153,7 @@ def weights_report(net, caffemodel, options=None):
         if name not in found:
             if shapes:
                 report.untrained.append(name)
-        elif len(found[name]) == len(shapes) and all(map(_same_shape, shapes, found[name])):
+        elif len(found[name]) == len(shapes) and all(map(same_shape, shapes, found[name])):
             if shapes:
                 report.loaded.append(name)
         else:
