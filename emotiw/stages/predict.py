@@ -160,8 +160,7 @@ def _predict_video(video, folder, model, backend, detect, fps, every, annotate):
                 prep = preprocess(faces, videos=work / "input", split=SPLIT, mode=model.mode, size=model.size,
                                   gray=model.gray, detect=detect, fps=fps, every=every)
         except UserError:
-            errors = list(csv.DictReader(open(faces / "errors.csv"))) if (faces / "errors.csv").is_file() else []
-            raise UserError(errors[0]["message"] if errors else "no face found") from None
+            raise UserError(_first_problem(faces / "errors.csv") or "no face found") from None
         with quiet():
             scored = test(model.net, model.weights, prep.lists[SPLIT].with_name(f"{SPLIT}_videos.txt"),
                           work / "scores", backend=backend)
@@ -189,6 +188,14 @@ def _predict_video(video, folder, model, backend, detect, fps, every, annotate):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return VideoPrediction(video, folder, summary["emotion"], summary["scores"])
+
+
+def _first_problem(errors):
+    """The message of errors.csv's first line, or None."""
+    if not errors.is_file():
+        return None
+    with open(errors, newline="") as handle:
+        return next((row["message"] for row in csv.DictReader(handle)), None)
 
 
 @contextlib.contextmanager
