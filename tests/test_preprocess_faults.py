@@ -100,6 +100,24 @@ def reaping(pids):
                 os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def two_workers_at_work(clips, out, **popen):
+    """A `--workers 2` run once its first crop is written: yields (process, its children); then
+    kills the run and checks that every child died with it."""
+    process = start(clips, out, "--workers", "2", **popen)
+    children = set()
+    with reaping(children):
+        try:
+            wait_for(lambda: list((out / "faces").glob("*/*/*.png")), process)
+            children |= descendants(process.pid)
+            assert len(workers_of(process.pid)) == 2
+            yield process, children
+        finally:
+            process.kill()
+            process.wait()
+        wait_for(lambda: not alive(children), timeout=10)
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """CLIPS copies of one moving-face clip in a flat folder `clips` (so the split is `clips`)."""
@@ -253,64 +271,34 @@ def test_a_stopped_run_stops_its_workers_at_once_and_a_rerun_resumes(clips, refe
     workers running; now: exit 143 (130 for Ctrl-C), one line, no process left, and a rerun ends
     as an uninterrupted run does."""
     out = tmp_path / "out"
-    process = start(clips, out, "--workers", "2", start_new_session=True)
-    children = set()
-    with reaping(children):
-        try:
-            wait_for(lambda: list((out / "faces").glob("*/*/*.png")), process)
-            children |= descendants(process.pid)
-            assert len(workers_of(process.pid)) == 2
-            if how.startswith("SIGTERM"):
-                process.send_signal(signal.SIGTERM)
-            else:  # the terminal sends Ctrl-C to every process of the foreground group
-                os.killpg(process.pid, signal.SIGINT)
-            _, err = process.communicate(timeout=60)
-        finally:
-            process.kill()
-            process.wait()
+    with two_workers_at_work(clips, out, start_new_session=True) as (process, _):
         if how.startswith("SIGTERM"):
-            assert (process.returncode, stderr_lines(err)) == (143, ["emotiw preprocess: stopped by SIGTERM"])
-        else:
-            assert (process.returncode, stderr_lines(err)) == (130, ["emotiw preprocess: interrupted"])
-        wait_for(lambda: not alive(children), timeout=10)
+            process.send_signal(signal.SIGTERM)
+        else:  # the terminal sends Ctrl-C to every process of the foreground group
+            os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    if how.startswith("SIGTERM"):
+        assert (process.returncode, stderr_lines(err)) == (143, ["emotiw preprocess: stopped by SIGTERM"])
+    else:
+        assert (process.returncode, stderr_lines(err)) == (130, ["emotiw preprocess: interrupted"])
     assert len(finished(out)) < CLIPS  # the pending clips were cancelled, not run to the end
     assert run_here(clips, out) == 0
     assert snapshot(out) == snapshot(reference)
 
 
 def test_workers_die_with_a_killed_run(clips, tmp_path):
-    out = tmp_path / "out"
-    process = start(clips, out, "--workers", "2")
-    children = set()
-    with reaping(children):
-        try:
-            wait_for(lambda: list((out / "faces").glob("*/*/*.png")), process)
-            children |= descendants(process.pid)
-            assert len(workers_of(process.pid)) == 2
-        finally:
-            process.kill()
-            process.wait()
-        wait_for(lambda: not alive(children), timeout=10)
+    with two_workers_at_work(clips, tmp_path / "out"):
+        pass  # leaving the block SIGKILLs the run; its workers must go with it
 
 
 def test_a_worker_killed_mid_run_is_one_line(clips, tmp_path):
     """A worker killed (the out-of-memory killer) ended the run with BrokenProcessPool's traceback."""
-    out = tmp_path / "out"
-    process = start(clips, out, "--workers", "2")
-    children = set()
-    with reaping(children):
-        try:
-            wait_for(lambda: list((out / "faces").glob("*/*/*.png")), process)
-            children |= descendants(process.pid)
-            os.kill(min(workers_of(process.pid)), signal.SIGKILL)
-            _, err = process.communicate(timeout=60)
-        finally:
-            process.kill()
-            process.wait()
-        assert process.returncode == 2
-        (line,) = stderr_lines(err)
-        assert "a worker process ended abruptly" in line
-        wait_for(lambda: not alive(children), timeout=10)
+    with two_workers_at_work(clips, tmp_path / "out") as (process, _):
+        os.kill(min(workers_of(process.pid)), signal.SIGKILL)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    (line,) = stderr_lines(err)
+    assert "a worker process ended abruptly" in line
 
 
 def test_a_second_run_into_the_same_output_is_refused(clips, reference, tmp_path, capsys):
