@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 
-import av
 import h5py
 import media
 import numpy as np
@@ -16,6 +15,7 @@ from emotiw.cli import main
 from emotiw.descriptors.audio import RATE, AudioDescriptor, decode_audio
 from emotiw.descriptors.lbptop import bins, lbp_top
 from emotiw.errors import UserError
+from emotiw.face.video import write_video
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make install adds it)")
 
@@ -28,22 +28,7 @@ def speech(path, text, pitch=50, speed=160):
 def clip_with_sound(path, samples, frames=8):
     """A few video frames (the astronaut over coffee) with `samples` (16 kHz mono float) as AAC."""
     images, _ = media.moving_face_frames(frames)
-    with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=10)
-        video.width, video.height, video.pix_fmt = images[0].shape[1], images[0].shape[0], "yuv420p"
-        if samples is not None:
-            audio = container.add_stream("aac", rate=RATE)
-            audio.layout = "mono"
-            for start in range(0, len(samples), 1024):
-                chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024].astype(np.float32),
-                                                   format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = RATE, start
-                container.mux(audio.encode(chunk))
-            container.mux(audio.encode())
-        for image in images:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(video.encode())
-    return path
+    return write_video(path, images, audio=samples, audio_rate=RATE)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +65,7 @@ def test_the_audio_stage_writes_hdf5_rows_and_one_line_per_clip_without_sound(cl
     assert data.shape == (2, 88) and data.dtype == np.float32 and labels.tolist() == [3.0, 5.0]
     rows = list(csv.DictReader(open(tmp_path / "audio" / "val_clips.csv")))
     assert [row["clip"] for row in rows] == ["001", "002"]
-    errors = {row["clip"]: row["message"] for row in csv.DictReader(open(tmp_path / "audio" / "errors.csv"))}
+    errors = {row["clip"]: row["message"] for row in csv.DictReader(open(tmp_path / "audio" / "val_errors.csv"))}
     assert "silent" in errors["003"] and "no audio stream" in errors["004"]
     assert (tmp_path / "audio" / "val.txt").read_text().strip() == str((tmp_path / "audio" / "val.h5").resolve())
     assert json.loads((tmp_path / "audio" / "features.json").read_text())["dimension"] == 88
@@ -133,5 +118,5 @@ def test_lbptop_stage_on_preprocessed_faces(tmp_path):
                  "--out", str(tmp_path / "features")]) == 0
     with h5py.File(tmp_path / "features" / "lbptop" / "train.h5") as handle:
         assert handle["data"].shape == (1, 16 * 3 * 59) and handle["label"][()].tolist() == [3.0]
-    errors = list(csv.DictReader(open(tmp_path / "features" / "lbptop" / "errors.csv")))
+    errors = list(csv.DictReader(open(tmp_path / "features" / "lbptop" / "train_errors.csv")))
     assert [row["clip"] for row in errors] == ["002"] and "too short" in errors[0]["message"]

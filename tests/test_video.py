@@ -180,8 +180,24 @@ def test_rotation_turns_the_display_aspect_ratio_too(upright, tmp_path):
     ("clip.mp4", {"rotation": 45}, "not a quarter turn"),
     ("clip.avi", {"rotation": 90}, "AVI has neither"),
     ("clip.avi", {"times": [0, 0.1, 0.2, 0.3]}, "AVI has neither"),
+    ("clip.avi", {"audio": np.zeros(1600)}, "sound into .mp4, .mov or .mkv only"),
 ])
 def test_what_a_container_cannot_store_is_refused(upright, tmp_path, name, options, message):
     with pytest.raises(UserError, match=message):
         write_video(tmp_path / name, [upright] * 4, **options)
     assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])
+def test_a_sound_track_is_written_beside_the_frames_deterministically(upright, tmp_path, suffix):
+    from emotiw.descriptors.audio import decode_audio
+
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)  # 1 s at 8 kHz
+    first = write_video(tmp_path / f"a{suffix}", [upright] * 10, audio=tone, audio_rate=8000)
+    second = write_video(tmp_path / f"b{suffix}", [upright] * 10, audio=tone, audio_rate=8000)
+    assert first.read_bytes() == second.read_bytes()
+    assert len(list(iter_frames(first))) == 10
+    sound = decode_audio(first, rate=8000)
+    assert abs(len(sound) - len(tone)) <= 2048  # AAC's priming and padding
+    spectrum = np.abs(np.fft.rfft(sound[:8000]))
+    assert abs(np.argmax(spectrum) * 8000 / len(sound[:8000]) - 440) < 5  # the tone, at its pitch

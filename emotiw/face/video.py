@@ -283,18 +283,22 @@ def _check_encoding(path, frames, codec, times, rotation):
     return container_format, codec
 
 
-def write_video(path, frames, fps=10, sample_aspect_ratio=None, codec=None, times=None, rotation=None):
+def write_video(path, frames, fps=10, sample_aspect_ratio=None, codec=None, times=None, rotation=None,
+                audio=None, audio_rate=16000):
     """Encodes RGB frames with PyAV, written atomically: H.264 (default) or HEVC (`codec="hevc"`)
     in .mp4/.mov/.mkv, MPEG-4 part 2 in .avi. The same frames and settings give the same bytes.
 
     `times`: per-frame presentation times in seconds (variable frame rate) instead of 1/fps steps;
     `fps` is then only the nominal rate the encoder is told. `rotation`: the display matrix's
     counter-clockwise degrees (what probe reads back), so players turn the stored frames by it.
+    `audio`: mono float samples in -1..1 at `audio_rate` Hz, stored as an AAC track (not in .avi).
     """
     import av
 
     path = Path(path)
     container_format, codec = _check_encoding(path, frames, codec, times, rotation)
+    if audio is not None and container_format == "avi":
+        raise UserError(f"{path}: emotiw writes sound into .mp4, .mov or .mkv only; use one of those")
     encoder, options = ENCODERS[codec]
     with atomic_path(path) as tmp:
         # bitexact: no FFmpeg version in the file, and Matroska's UIDs fixed instead of random
@@ -312,10 +316,26 @@ def write_video(path, frames, fps=10, sample_aspect_ratio=None, codec=None, time
                 stream.set_display_rotation(rotation % 360)
             if times is not None:
                 stream.codec_context.time_base = stream.time_base = TIME_BASE
+            if audio is not None:  # every stream is added before the first packet
+                sound = container.add_stream("aac", rate=audio_rate)
+                sound.layout = "mono"
             for number, image in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 if times is not None:
                     frame.pts, frame.time_base = round(times[number] / TIME_BASE), TIME_BASE
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
+            if audio is not None:
+                _mux_audio(container, sound, np.asarray(audio, dtype=np.float32).reshape(-1), audio_rate)
     return path
+
+
+def _mux_audio(container, stream, samples, rate):
+    import av
+
+    chunk = 1024  # AAC's frame size
+    for start in range(0, len(samples), chunk):
+        frame = av.AudioFrame.from_ndarray(samples[None, start:start + chunk], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
