@@ -46,11 +46,14 @@ def generated(tmp_path_factory, detector):
 
 
 def decoded_hash(path):
+    """Of the decoded frames and sound."""
+    from emotiw.descriptors.audio import decode_audio
     from emotiw.face.video import iter_frames
 
     digest = hashlib.sha256()
     for frame in iter_frames(path):
         digest.update(frame.image.tobytes())
+    digest.update(decode_audio(path).tobytes())
     return digest.hexdigest()
 
 
@@ -73,6 +76,50 @@ def test_layout_counts_and_labels(generated):
     frames = list(iter_frames(next(out.rglob("*.mp4"))))
     assert len(frames) == SMALL["frames"]
     assert frames[0].image.shape == (120, 160, 3)
+
+
+def test_every_clip_speaks_for_as_long_as_its_video(generated):
+    import av
+
+    from emotiw.descriptors.audio import RATE, SILENCE_RMS, decode_audio
+
+    out, rows = generated
+    assert {row["voice_sentence"] for row in rows} <= set(demo_data.SENTENCES)
+    for path in sorted(out.rglob("*.mp4"))[::5]:
+        with av.open(str(path)) as container:
+            assert [stream.codec_context.name for stream in container.streams.audio] == ["aac"]
+        sound = decode_audio(path)
+        seconds = SMALL["frames"] / demo_data.FPS
+        assert abs(len(sound) / RATE - seconds) < 2048 / RATE  # AAC pads up to two frames of 1024
+        assert np.sqrt(np.mean(sound ** 2)) > 10 * SILENCE_RMS
+
+
+def test_the_class_voices_differ_as_designed(astronaut):
+    """openSMILE on the speech itself: Surprise is higher and louder than Sad."""
+    from emotiw.descriptors.audio import AudioDescriptor
+
+    settings = demo_data.Settings(seed=0, clips=(1, 1, 1), frames=20, width=160, height=120, strength=1.0,
+                                  identities=1)
+    backgrounds = demo_data.background_images()[:1]
+    descriptor = AudioDescriptor()
+    column = {name: index for index, name in enumerate(descriptor.names)}
+    measured = {}
+    for emotion in ("Sad", "Surprise"):
+        clip = demo_data.plan_clip(settings, demo_data.ClipPlan("train", emotion, 1), [astronaut], backgrounds)
+        values = descriptor.smile.process_signal(demo_data.speak(clip, settings), demo_data.AUDIO_RATE)
+        measured[emotion] = values.to_numpy().reshape(-1)
+    pitch, loudness = column["F0semitoneFrom27.5Hz_sma3nz_amean"], column["loudness_sma3_amean"]
+    assert measured["Surprise"][pitch] > measured["Sad"][pitch] + 5  # semitones
+    assert measured["Surprise"][loudness] > 1.5 * measured["Sad"][loudness]
+
+
+def test_silent_clips_have_no_sound_track(tmp_path, detector):
+    import av
+
+    out = tmp_path / "silent"
+    demo_data.generate(out, seed=3, detector=detector, clips=(1, 1, 1), frames=3, identities=1, audio=False)
+    with av.open(str(next(out.rglob("*.mp4")))) as container:
+        assert not container.streams.audio
 
 
 def test_same_seed_gives_identical_clips_and_another_seed_does_not(generated, tmp_path, detector):

@@ -73,12 +73,16 @@ def register_demo_data(subparsers):
     parser.add_argument("--strength", type=float, default=1.0,
                         help=f"expression strength in (0, {MAX_STRENGTH}]; the default, 1, gives the designed amounts")
     parser.add_argument("--identities", type=int, default=8, help="number of different faces (default 8)")
+    parser.add_argument("--no-audio", dest="audio", action="store_false",
+                        help="silent clips (by default each clip has a sentence spoken by espeak-ng, in the "
+                             "class's pitch, rate and loudness)")
     parser.set_defaults(func=run_demo_data)
 
 
 def run_demo_data(args):
     rows = generate(args.out, seed=args.seed, clips=parse_clips(args.clips_per_class), frames=args.frames,
-                    size=parse_size(args.size), strength=args.strength, identities=args.identities)
+                    size=parse_size(args.size), strength=args.strength, identities=args.identities,
+                    audio=args.audio)
     people = sorted({row["identity"] for row in rows})
     counts = ", ".join(f"{split} {sum(row['split'] == split for row in rows)}" for split in SPLITS)
     print(f"{len(rows)} clips ({counts}) of {len(people)} faces -> {args.out}; "

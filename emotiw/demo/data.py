@@ -10,7 +10,10 @@ or narrows the eyes, by its own amounts (EXPRESSIONS), with a piecewise-affine w
 Each clip: one identity, the class's expression ramping up from a weaker start, per-clip jitter of
 every expression parameter, random pose (rotation), scale, motion across the frames, lighting
 (gain, colour tint, a light gradient), sensor noise, and a moving crop of one of scikit-image's
-photographs (none with a face) as background; H.264 in mp4 via PyAV.
+photographs (none with a face) as background; H.264 in mp4 via PyAV. Sound: a short sentence
+spoken by espeak-ng (the same sentences for every class) in the identity's voice, with the class's
+pitch, rate and loudness (VOICES), each jittered per clip, plus a little noise, as long as the
+clip's video; AAC in the same file.
 
 Layout (AFEW's): OUT/<split>/<Emotion>/<clip>.mp4 for the splits train, val and test; clip names
 are unique across splits (`train_happy_03`), so OUT/labels.csv (`clip,label`) works as an
@@ -24,6 +27,7 @@ OUT/demo_data.json) only makes the clips still missing.
 """
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +62,25 @@ MAX_STRENGTH = 1.0  # the warp never folds up to here (tests/test_demo_data.py c
 SPRITE_EYE_DISTANCE = 40  # faces are warped at this size, then scaled into the frame
 SPRITE_HALF = 1.6  # half side of a face sprite around its centre, in eye distances
 DETECTION_SCORE = 0.95  # a source face is used only when MTCNN finds it this surely
+# Per class: espeak-ng's pitch (0-99), rate (words per minute) and amplitude (0-200). Loosely
+# after vocal-affect findings: high arousal (anger, fear, joy, surprise) is louder, faster and
+# higher; sadness low, slow and quiet; disgust slow and low.
+VOICES = {
+    "Angry":    (40, 190, 170),
+    "Disgust":  (30, 120, 110),
+    "Fear":     (80, 210, 80),
+    "Happy":    (70, 175, 140),
+    "Neutral":  (45, 150, 100),
+    "Sad":      (15, 95, 60),
+    "Surprise": (90, 160, 150),
+}
+VOICE_JITTER = (6, 0.08, 0.1)  # per-clip sd of the pitch (points), the rate and amplitude (fractions)
+# espeak-ng voice variants, one per identity in turn
+VARIANTS = ("f2", "m3", "f4", "m1", "f1", "m2", "f3", "m4")
+SENTENCES = ("I did not expect that at all", "Look at what they have done here", "We have to talk about it now",
+             "So this is where you were", "Tell me what happened today", "It was the last one they had")
+AUDIO_RATE = 22050  # espeak-ng's own rate
+SPEECH_NOISE = 0.002  # sd of the noise under the speech, full scale 1
 # scikit-image photographs without a face in them (the cameraman and the cat are left out).
 BACKGROUNDS = ("coffee", "rocket", "hubble_deep_field", "coins", "brick", "grass", "gravel", "page",
                "text", "moon", "immunohistochemistry", "retina", "clock")
@@ -309,6 +332,7 @@ class Settings:
     height: int
     strength: float
     identities: int
+    audio: bool = True  # a spoken sound track (espeak-ng)
 
 
 @dataclass(frozen=True)
@@ -352,11 +376,12 @@ class Clip:
     light: np.ndarray     # H x W x 3 multiplier: gain, tint, gradient
     noise_sigma: float
     noise_seed: int
+    voice: dict           # espeak-ng's variant, pitch, rate, amplitude and the sentence
 
     def details(self):
         return {"split": self.plan.split, "clip": self.plan.name, "label": self.plan.emotion,
                 "identity": self.identity.name, "background": self.background,
-                "intensity": round(self.intensity, 3)}
+                "intensity": round(self.intensity, 3), **{f"voice_{key}": value for key, value in self.voice.items()}}
 
 
 def plan_clip(settings, plan, identities, backgrounds):
@@ -389,11 +414,18 @@ def plan_clip(settings, plan, identities, backgrounds):
     ys, xs = np.mgrid[0:height, 0:width]
     ramp = ((xs - width / 2) * direction[0] + (ys - height / 2) * direction[1]) / max(width, height)
     light = rng.uniform(0.8, 1.15) * (1 + rng.uniform(0, 0.3) * ramp)[..., None] * rng.uniform(0.94, 1.06, 3)
+    # the voice, drawn last so that the frames stay those of the clips made before there was sound
+    pitch, rate, amplitude = VOICES[plan.emotion]
+    voice = {"variant": VARIANTS[identities.index(identity) % len(VARIANTS)],
+             "pitch": int(np.clip(round(pitch + rng.normal(0, VOICE_JITTER[0])), 0, 99)),
+             "rate": int(round(rate * (1 + rng.normal(0, VOICE_JITTER[1])))),
+             "amplitude": int(np.clip(round(amplitude * (1 + rng.normal(0, VOICE_JITTER[2]))), 10, 200)),
+             "sentence": SENTENCES[rng.integers(len(SENTENCES))]}
     return Clip(plan=plan, identity=identity, background=background, expression=expression,
                 intensity=float(intensity), scene=scene, pan=rng.uniform(0, 1, (2, 2)) * room,
                 centre=np.stack([start, end]), eye_distance=eye_distance,
                 angle=rng.uniform(-10, 10) + np.array([0.0, rng.normal(0, 3)]), light=light.astype(np.float32),
-                noise_sigma=float(rng.uniform(1, 4)), noise_seed=int(rng.integers(2**32)))
+                noise_sigma=float(rng.uniform(1, 4)), noise_seed=int(rng.integers(2**32)), voice=voice)
 
 
 def render(clip, settings):
@@ -420,6 +452,31 @@ def render(clip, settings):
         canvas += noise.normal(0, clip.noise_sigma, canvas.shape)
         frames.append(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
     return frames
+
+
+def speak(clip, settings):
+    """The clip's sound: its sentence from espeak-ng, cut or padded with silence to the length of
+    the video, over a little noise; float32 mono at AUDIO_RATE."""
+    import subprocess
+    import wave
+
+    voice = clip.voice
+    command = ["espeak-ng", "--stdout", "-v", f"en+{voice['variant']}", "-p", str(voice["pitch"]),
+               "-s", str(voice["rate"]), "-a", str(voice["amplitude"]), voice["sentence"]]
+    try:
+        spoken = subprocess.run(command, capture_output=True, check=True).stdout
+    except FileNotFoundError:
+        raise UserError("espeak-ng is not installed: `apt-get install espeak-ng` (make install adds it), "
+                        "or make silent clips with --no-audio") from None
+    except subprocess.CalledProcessError as error:
+        raise UserError(f"espeak-ng failed ({error.stderr.decode(errors='replace').strip()})") from None
+    with wave.open(io.BytesIO(spoken)) as reader:  # --stdout leaves the length in the header unset
+        samples = np.frombuffer(reader.readframes(2**31 - 1), dtype="<i2").astype(np.float32) / 32768
+    length = round(settings.frames / FPS * AUDIO_RATE)
+    sound = np.zeros(length, np.float32)
+    sound[:min(length, len(samples))] = samples[:length]
+    noise = np.random.default_rng(clip.noise_seed + 1).normal(0, SPEECH_NOISE, length)
+    return np.clip(sound + noise, -1, 1).astype(np.float32)
 
 
 def placement(identity, centre, eye_distance, angle):
@@ -465,14 +522,15 @@ def validate(settings):
         raise UserError(f"--identities must be at least 1, got {settings.identities}")
 
 
-def generate(out, seed=0, clips=(40, 5, 5), frames=8, size=(160, 120), strength=1.0, identities=8,
+def generate(out, seed=0, clips=(40, 5, 5), frames=8, size=(160, 120), strength=1.0, identities=8, audio=True,
              detector=None):
-    """Makes the clips still missing under `out`; returns the rows of clips.csv."""
+    """Makes the clips still missing under `out`; returns the rows of clips.csv. `audio`: give
+    every clip a spoken sound track (needs espeak-ng)."""
     from tqdm import tqdm
 
     out = Path(out)
     settings = Settings(seed=seed, clips=tuple(clips), frames=frames, width=size[0], height=size[1],
-                        strength=strength, identities=identities)
+                        strength=strength, identities=identities, audio=audio)
     validate(settings)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, settings)
@@ -485,7 +543,8 @@ def generate(out, seed=0, clips=(40, 5, 5), frames=8, size=(160, 120), strength=
     for plan in tqdm(plans(settings), desc="demo clips", unit="clip", disable=None):
         clip = plan_clip(settings, plan, people, backgrounds)
         if not plan.path(out).exists():
-            write_video(plan.path(out), render(clip, settings), fps=FPS)
+            sound = speak(clip, settings) if audio else None
+            write_video(plan.path(out), render(clip, settings), fps=FPS, audio=sound, audio_rate=AUDIO_RATE)
         rows.append(clip.details())
     write_tables(out, rows)
     return rows
