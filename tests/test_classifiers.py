@@ -58,3 +58,23 @@ def test_features_of_another_dimension_are_refused_naming_both(sources, tmp_path
     assert main(["train", "audio_linear_svm", "--train", train, "--val", other,
                  "--out", str(tmp_path / "run")]) == 2
     assert "88 values" in (err := capsys.readouterr().err) and "40" in err
+
+
+def test_long_vectors_train_with_a_scaled_learning_rate(tmp_path, capsys):
+    """2832 values a clip (LBP-TOP's size): at the solver's base_lr the SVM's loss diverges; the
+    scaled default learns."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 0.3, (7, 2832))
+
+    def long_features(split, count, seed):
+        labels = np.arange(count) % 7
+        data = centres[labels] + np.random.default_rng(seed).normal(0, 1, (count, 2832))
+        return str(write_feature_file(tmp_path / "long", split, data, labels))
+
+    train, val = long_features("train", 140, 6), long_features("val", 70, 7)
+    options = dict(max_iter=200, test_interval=200, test_iter=5, batch_size=14)
+    with pytest.raises(emotiw.UserError, match="diverged"):
+        emotiw.train("audio_linear_svm", train, val, tmp_path / "fixed", base_lr=0.01, **options)
+    run = emotiw.train("audio_linear_svm", train, val, tmp_path / "scaled", **options)
+    assert "base_lr 0.01 scaled to 0.000311" in capsys.readouterr().out
+    assert run.best_val[1] > 0.9

@@ -405,6 +405,21 @@ class TrainResult:
     files: dict = field(default_factory=dict)  # train_val, test, deploy, solver, log, curves
 
 
+def feature_base_lr(net, dimension):
+    """The solver's base_lr suits eGeMAPS's 88 standardised inputs. A linear layer's SGD step
+    diverges once base_lr * |x|^2 passes about 2, and |x|^2 of a standardised vector is its
+    dimension, so longer vectors (LBP-TOP: thousands) get base_lr * 88 / D."""
+    from emotiw.nets.classifiers import DIMENSION
+
+    default = nets.get(net).solver_values["base_lr"]
+    if dimension <= DIMENSION:
+        return None
+    scaled = default * DIMENSION / dimension
+    print(f"{dimension} inputs: base_lr {default:g} scaled to {scaled:.3g} (x {DIMENSION}/{dimension}); "
+          "--base-lr sets it")
+    return scaled
+
+
 def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_lr=None, batch_size=None,
           test_batch_size=None, test_interval=None, test_iter=None, snapshot=None, display=None,
           input_size=None, num_classes=7, mean=None, bn_moving_average_fraction=None, gpu=None, seed=1,
@@ -438,6 +453,8 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     sources = (train, val)
     if reads_features:
         *sources, input_size = standardise(train, val, out)
+        if base_lr is None:
+            base_lr = feature_base_lr(net, input_size)
     options = NetOptions(train_batch=batch_size, test_batch=test_batch_size, num_classes=num_classes,
                          input_size=input_size, bn_moving_average_fraction=fraction,
                          **training_mean(net, train, out, mean, train_mean))
