@@ -12,7 +12,7 @@ HDF5Data layer takes them; NO_LABEL for unlabelled clips), `OUT/<kind>/<split>.t
 source: the .h5 file's path), `OUT/<kind>/<split>_clips.csv` (row, clip, label) and
 `OUT/<kind>/features.json` (kind, feature set, dimension, names). A clip without an audio track,
 with silence only, or with a face sequence too short for LBP-TOP gets one line in
-`OUT/<kind>/errors.csv` and no row.
+`OUT/<kind>/<split>_errors.csv` and no row.
 """
 
 import csv
@@ -70,8 +70,8 @@ def features(out, kind, split=None, videos=None, faces=None, labels=None, label_
             continue
         rows.append((clip, label))
     if not rows:
-        _write_errors(folder, problems)
-        raise UserError(f"no clip of split {split} gave {kind} features; see {folder / 'errors.csv'}")
+        errors = _write_errors(folder, split, problems)
+        raise UserError(f"no clip of split {split} gave {kind} features; see {errors}")
     data = np.stack(values).astype(np.float32)
     write_feature_file(folder, split, data, [label for _, label in rows])
     h5 = folder / f"{split}.h5"
@@ -81,7 +81,7 @@ def features(out, kind, split=None, videos=None, faces=None, labels=None, label_
         writer.writerows((row, clip, label) for row, (clip, label) in enumerate(rows))
     atomic_write_text(inside(out, kind, "features.json"), json.dumps(
         {"kind": kind, "feature_set": feature_set, "dimension": int(data.shape[1]), "names": names}, indent=1) + "\n")
-    _write_errors(folder, problems)
+    _write_errors(folder, split, problems)
     print(f"{kind} features: {len(rows)} clips x {data.shape[1]} values ({feature_set}) -> {h5}; "
           f"{len(problems)} problems")
     return FeaturesResult(folder, split, h5, len(rows), int(data.shape[1]), problems)
@@ -148,8 +148,9 @@ def write_feature_file(folder, split, data, labels):
     return source
 
 
-def _write_errors(folder, problems):
-    with atomic_open(folder / "errors.csv", "w", newline="") as handle:
+def _write_errors(folder, split, problems):
+    path = folder / f"{split}_errors.csv"
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["split", "clip", "source", "message"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(asdict(problem) for problem in problems)
