@@ -2,13 +2,17 @@
 
 Stages, each a stage function of the API called in this process (the report lists the equivalent
 `emotiw` command lines, so each step can be repeated by hand):
-  1. demo-data   labelled clips of scikit-image's faces with per-class expressions (emotiw.demo.data)
+  1. demo-data   labelled clips of scikit-image's faces with per-class expressions and espeak-ng
+                 speech in per-class voices (emotiw.demo.data)
   2. preprocess  MTCNN, main-subject tracking, `sse` alignment to small crops, lists, the train mean
   3. train       two SSE-HoloNet variants with the `caffe train` binary, few iterations
   4. test        per-video testing of each model on val and test (`--backend auto`: OpenCV DNN here)
   5. extract     each model's `prob` with Caffe's extract_features into LevelDB, then .mat (leveldb2mat)
-  6. fuse        fusion weights searched on the val .mat scores, applied to the test ones
-  7. report      OUT/report.md with the accuracy table, training curves and confusion matrices
+  6. features    SSE's two other models: openSMILE functionals of the sound and LBP-TOP of the face
+                 crops, each classified by a Caffe net (trained, then tested like the CNNs)
+  7. fuse        all four models: weights searched on val and applied to test, and SSE's submitted
+                 weights (1, 1, 1, 4, 7) beside them
+  8. report      OUT/report.md with the accuracy table, training curves and confusion matrices
 
 Everything goes under OUT/work (default demo/work); a stage whose outputs exist is skipped, so an
 interrupted demo started again goes on where it stopped. The settings are stored in
@@ -33,12 +37,17 @@ from emotiw.face.video import iter_frames
 from emotiw.formats.files import atomic_path, atomic_write_text
 from emotiw.metrics import classification_metrics, plot_confusion
 from emotiw.stages.extract import extract
+from emotiw.stages.features import features
 from emotiw.stages.fuse import fuse
 from emotiw.stages.preprocess import preprocess
 from emotiw.stages.test import test
 from emotiw.stages.train import newest_solverstate, train
 
 NETS = ("sse_holonet_3conv-s_concat", "sse_holonet_3conv-s_eltwise")
+# SSE's hand-crafted and audio models, in the order of its fusion weights (CNNs 1, 1, 1, then 4, 7)
+DESCRIPTORS = ("lbptop", "audio")
+# SSE's submitted weights with the demo's two CNNs in the places of SSE's three (weight 1 each)
+SSE_WEIGHTS = {"cnn": 1.0, "lbptop": 4.0, "audio": 7.0}
 EVALUATED = ("val", "test")
 VAL_BATCH = 50  # validation frames per test batch while training
 
@@ -57,10 +66,13 @@ class Config:
     batch_size: int = 32
     test_interval: int = 100
     bn_moving_average_fraction: float = 0.9  # see docs/demo.md
+    audio_net: str = "audio_mlp"         # the classifier of the openSMILE functionals
+    lbptop_net: str = "audio_linear_svm"  # the classifier of the LBP-TOP histograms
+    descriptor_max_iter: int = 1000
 
 
 # --quick: enough to run every stage and write the report, not to learn much (tests use it).
-QUICK = Config(clips=(3, 1, 1), frames=4, max_iter=6, batch_size=8, test_interval=3)
+QUICK = Config(clips=(3, 1, 1), frames=4, max_iter=6, batch_size=8, test_interval=3, descriptor_max_iter=20)
 
 
 def command_flags(options):
@@ -110,21 +122,36 @@ class Demo:
     def video_list(self, split):
         return self.faces / "lists" / f"{split}_videos.txt"
 
-    def train_dir(self, net):
-        return self.work / "train" / net  # the folder name tells `emotiw test` which net it is
+    def train_dir(self, model):
+        return self.work / "train" / model
 
-    def model(self, net):
-        return self.train_dir(net) / "snapshots" / f"{net}_iter_{self.config.max_iter}.caffemodel"
+    def net_of(self, model):
+        """The registered net of a model: a CNN's name is its net's, a descriptor's is its kind."""
+        return {"audio": self.config.audio_net, "lbptop": self.config.lbptop_net}.get(model, model)
 
-    def test_dir(self, net, split):
-        return self.work / "test" / net / split
+    def model(self, model):
+        iterations = self.config.descriptor_max_iter if model in DESCRIPTORS else self.config.max_iter
+        return self.train_dir(model) / "snapshots" / f"{self.net_of(model)}_iter_{iterations}.caffemodel"
+
+    def test_dir(self, model, split):
+        return self.work / "test" / model / split
+
+    def descriptors(self, kind, split):
+        """The HDF5Data source of a split's descriptors."""
+        return self.work / "descriptors" / kind / f"{split}.txt"
+
+    @property
+    def models(self):
+        return (*self.config.nets, *DESCRIPTORS)
+
+    def scores(self, model, split):
+        """The score file fusion reads: the CNNs' extracted .mat, the descriptor models' test output."""
+        if model in DESCRIPTORS:
+            return str(self.test_dir(model, split) / "predictions.csv")
+        return f"{self.features(model, split)}:video_feats"
 
     def features(self, net, split):
         return self.work / "features" / net / split / "features.mat"
-
-    @property
-    def fusion(self):
-        return self.work / "fusion"
 
     # ---------------------------------------------------------------- running
 
@@ -140,6 +167,13 @@ class Demo:
         started = time.monotonic()
         call()
         self.timings[stage] = self.timings.get(stage, 0.0) + time.monotonic() - started
+        self.save_timings()  # after every stage: a run that fails later keeps them
+
+    def save_timings(self):
+        """WORK/timings.json: the seconds of every stage run so far, by this run or earlier ones."""
+        path = self.work / "timings.json"
+        timings = {**(read_json(path) if path.is_file() else {}), **self.timings}
+        atomic_write_text(path, json.dumps(timings, indent=2) + "\n")
 
     def run(self):
         started = time.monotonic()
@@ -153,8 +187,16 @@ class Demo:
             for split in EVALUATED:
                 self.test(net, split)
                 self.extract(net, split)
-        self.fuse()
+        for kind in DESCRIPTORS:
+            for split in SPLITS:
+                self.describe(kind, split)
+            self.train_descriptor(kind)
+            for split in EVALUATED:
+                self.test_descriptor(kind, split)
+        self.fuse("searched")
+        self.fuse("sse")
         self.timings["total (this run)"] = time.monotonic() - started
+        self.save_timings()
         return write_report(self)
 
     def check_config(self):
@@ -231,14 +273,48 @@ class Demo:
                                      video_list=options["videos"]),
                      done=features.is_file())
 
-    def fuse(self):
-        nets = self.config.nets
-        scores = [f"{self.features(net, 'test')}:video_feats" for net in nets]
-        options = dict(search=True, val_scores=[f"{self.features(net, 'val')}:video_feats" for net in nets],
-                       val_labels=self.video_list("val"), videos=self.video_list("test"), names=list(nets),
-                       out=self.fusion)
-        self.command("fuse", ["fuse", *scores, *command_flags(options)], lambda: fuse(scores, **options),
-                     done=(self.fusion / "fusion.json").is_file())
+    def describe(self, kind, split):
+        source = self.descriptors(kind, split)
+        inputs = dict(videos=self.data / split) if kind == "audio" else dict(faces=self.faces)
+        options = dict(kind=kind, **inputs, split=split, out=source.parent.parent)
+        self.command(f"features {kind} {split}", ["features", *command_flags(options)],
+                     lambda: features(**options), done=source.is_file())
+
+    def train_descriptor(self, kind):
+        c = self.config
+        val_clips = len(self.video_list("val").read_text().splitlines())
+        options = dict(train=self.descriptors(kind, "train"), val=self.descriptors(kind, "val"),
+                       out=self.train_dir(kind), batch_size=32, test_batch_size=val_clips, test_iter=1,
+                       test_interval=max(1, c.descriptor_max_iter // 10), max_iter=c.descriptor_max_iter,
+                       snapshot=c.descriptor_max_iter, display=max(1, c.descriptor_max_iter // 50), seed=c.seed + 1)
+        net = self.net_of(kind)
+        self.command(f"train {kind}", ["train", net, *command_flags(options)], lambda: train(net, **options),
+                     done=self.model(kind).is_file())
+
+    def test_descriptor(self, kind, split):
+        options = dict(net=self.train_dir(kind) / "deploy.prototxt", weights=self.model(kind),
+                       videos=self.descriptors(kind, split), out=self.test_dir(kind, split))
+        self.command(f"test {kind} {split}", ["test", *command_flags(options)], lambda: test(**options),
+                     done=(options["out"] / "metrics.json").is_file())
+
+    def fusion_dir(self, weighting):
+        return self.work / "fusion" / weighting
+
+    def sse_weights(self):
+        return [SSE_WEIGHTS.get(model, SSE_WEIGHTS["cnn"]) for model in self.models]
+
+    def fuse(self, weighting):
+        """`searched`: weights searched on val; `sse`: SSE's submitted weights."""
+        scores = [self.scores(model, "test") for model in self.models]
+        options = dict(val_scores=[self.scores(model, "val") for model in self.models],
+                       val_labels=self.video_list("val"), videos=self.video_list("test"), names=list(self.models),
+                       out=self.fusion_dir(weighting))
+        if weighting == "searched":
+            options["search"] = True
+        else:
+            options["weights"] = self.sse_weights()
+        self.command(f"fuse ({weighting} weights)", ["fuse", *scores, *command_flags(options)],
+                     lambda: fuse(scores, **options), done=(options["out"] / "fusion.json").is_file())
 
 
 # ---------------------------------------------------------------------------- the report
@@ -251,9 +327,13 @@ def percent(value):
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def fusion_confusion(demo):
+WEIGHTINGS = {"searched": "weights searched on val", "sse": "SSE's weights 1/1/1/4/7"}
+DESCRIPTOR_TITLES = {"audio": "audio: openSMILE eGeMAPSv02", "lbptop": "hand-crafted: LBP-TOP"}
+
+
+def fusion_confusion(demo, weighting):
     """Confusion matrix of the fused test predictions (predictions.csv of `emotiw fuse`)."""
-    with open(demo.fusion / "predictions.csv", newline="") as handle:
+    with open(demo.fusion_dir(weighting) / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     labels = np.array([int(row["label"]) for row in rows])
     predictions = np.array([int(row["prediction"]) for row in rows])
@@ -263,15 +343,17 @@ def fusion_confusion(demo):
 def copy_figures(demo):
     """The report's PNGs beside it: training curves, test confusion matrices, sample frames."""
     figures = {}
-    for net in demo.config.nets:
-        figures[f"curves_{net}"] = shutil.copyfile(demo.train_dir(net) / "curves.png",
-                                                   demo.out / f"curves_{net}.png")
-        figures[f"confusion_{net}"] = shutil.copyfile(demo.test_dir(net, "test") / "confusion.png",
-                                                      demo.out / f"confusion_{net}_test.png")
-    fusion = read_json(demo.fusion / "fusion.json")
-    path = demo.out / "confusion_fusion_test.png"
-    plot_confusion(fusion_confusion(demo), path, f"fusion: test accuracy {fusion['test']['fusion']:.4f}")
-    figures["confusion_fusion"] = path
+    for model in demo.models:
+        figures[f"curves_{model}"] = shutil.copyfile(demo.train_dir(model) / "curves.png",
+                                                     demo.out / f"curves_{model}.png")
+        figures[f"confusion_{model}"] = shutil.copyfile(demo.test_dir(model, "test") / "confusion.png",
+                                                        demo.out / f"confusion_{model}_test.png")
+    for weighting, title in WEIGHTINGS.items():
+        fusion = read_json(demo.fusion_dir(weighting) / "fusion.json")
+        path = demo.out / f"confusion_fusion_{weighting}_test.png"
+        plot_confusion(fusion_confusion(demo, weighting), path,
+                       f"fusion, {title}: test accuracy {fusion['test']['fusion']:.4f}")
+        figures[f"confusion_fusion_{weighting}"] = path
     figures["samples"] = plot_samples(demo, demo.out / "samples.png")
     return figures
 
@@ -304,15 +386,22 @@ def plot_samples(demo, path):
 
 
 def accuracy_table(demo):
-    """Rows (name, val, test, val from .mat, test from .mat, fusion weight)."""
-    fusion = read_json(demo.fusion / "fusion.json")
+    """Rows (name, val, test, val from .mat, test from .mat, searched weight, SSE weight); the .mat
+    columns are None for the descriptor models, which have no frames to extract, and the weights
+    None for the fusion rows."""
+    fused = {weighting: read_json(demo.fusion_dir(weighting) / "fusion.json") for weighting in WEIGHTINGS}
+    searched = fused["searched"]
     rows = []
-    for index, net in enumerate(demo.config.nets):
-        tested = {split: read_json(demo.test_dir(net, split) / "metrics.json")["accuracy"] for split in EVALUATED}
-        rows.append((net, tested["val"], tested["test"], fusion["validation"]["models"][index],
-                     fusion["test"]["models"][index], fusion["models"][index]["unit_weight"]))
-    rows.append(("fusion", fusion["validation"]["fusion"], fusion["test"]["fusion"],
-                 fusion["validation"]["fusion"], fusion["test"]["fusion"], None))
+    for index, model in enumerate(demo.models):
+        tested = {split: read_json(demo.test_dir(model, split) / "metrics.json")["accuracy"] for split in EVALUATED}
+        mat = ((None, None) if model in DESCRIPTORS else
+               (searched["validation"]["models"][index], searched["test"]["models"][index]))
+        rows.append((model, tested["val"], tested["test"], *mat, searched["models"][index]["unit_weight"],
+                     fused["sse"]["models"][index]["unit_weight"]))
+    for weighting in WEIGHTINGS:
+        fusion = fused[weighting]
+        rows.append((f"fusion ({weighting})", fusion["validation"]["fusion"], fusion["test"]["fusion"],
+                     None, None, None, None))
     return rows
 
 
@@ -335,11 +424,13 @@ def data_summary(demo):
     return made, scored, frames, identities, summary
 
 
+def weight_cell(weight):
+    return "-" if weight is None else f"{weight:.2f}"
+
+
 def write_report(demo):
     demo.out.mkdir(parents=True, exist_ok=True)
-    timings_path = demo.work / "timings.json"
-    timings = {**(read_json(timings_path) if timings_path.is_file() else {}), **demo.timings}
-    atomic_write_text(timings_path, json.dumps(timings, indent=2) + "\n")
+    timings = read_json(demo.work / "timings.json")
     figures = copy_figures(demo)
     rows = accuracy_table(demo)
     made, scored, frames, identities, _ = data_summary(demo)
@@ -357,26 +448,35 @@ def write_report(demo):
         "",
         "## Accuracy (per clip, 7 classes, chance = %.1f %%)" % (100 * chance),
         "",
-        "| model | val % | test % | val % (.mat) | test % (.mat) | fusion weight |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | val % | test % | val % (.mat) | test % (.mat) | weight (searched) | weight (SSE) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, val, tested, val_mat, test_mat, weight in rows:
-        name = f"`{name}`" if weight is not None else "**fusion** (weighted mean, weights searched on val)"
+    for name, val, tested, val_mat, test_mat, weight, sse_weight in rows:
+        if name.startswith("fusion"):
+            name = f"**{name}**: {WEIGHTINGS[name[len('fusion ('):-1]]}"
+        else:
+            name = f"`{name}`" + (f" ({DESCRIPTOR_TITLES[name]}, `{demo.net_of(name)}`)" if name in DESCRIPTORS else "")
         lines.append(f"| {name} | {percent(val)} | {percent(tested)} | {percent(val_mat)} | {percent(test_mat)} | "
-                     f"{'-' if weight is None else f'{weight:.2f}'} |")
+                     f"{weight_cell(weight)} | {weight_cell(sse_weight)} |")
     lines += [
         "",
-        f"val % and test %: `emotiw test` ({tested_backends(demo)}, deploy net, mean of the frame probabilities "
-        "per clip). "
-        "The .mat columns: the same models' `prob` extracted by Caffe's `extract_features` into LevelDB, "
-        "converted by leveldb2mat (`video_feats`: per-clip means) and scored by `emotiw fuse`, which "
-        "searched the fusion weights on val and applied them to test.",
+        f"val % and test %: `emotiw test` (the CNNs: {tested_backends(demo)}, deploy net, mean of the frame "
+        "probabilities per clip; the audio and LBP-TOP models: their Caffe classifier on the clip's "
+        "descriptor vector, standardised with the training statistics). "
+        "The .mat columns: the CNNs' `prob` extracted by Caffe's `extract_features` into LevelDB, "
+        "converted by leveldb2mat (`video_feats`: per-clip means) and scored by `emotiw fuse`. "
+        "Fusion: the weighted mean of the four models' scores (the CNNs' .mat, the others' predictions.csv), "
+        "with weights searched on val and applied to test, and with SSE's submitted weights: "
+        "SSE fused three CNNs (1 each), its hand-crafted model (4) and its audio model (7); here the two "
+        "CNNs take weight 1 each, LBP-TOP 4 and audio 7. Weights are shown normalised to sum 1.",
         "",
         "## Data",
         "",
         f"`emotiw demo-data` made {sum(made.values())} clips ({', '.join(f'{s} {made[s]}' for s in SPLITS)}) of "
         f"{c.frames} frames at {c.frame_size[0]}x{c.frame_size[1]} from {len(identities)} faces that "
-        f"scikit-image ships ({', '.join(identities)}), expression strength {c.strength}. "
+        f"scikit-image ships ({', '.join(identities)}), expression strength {c.strength}, each with a "
+        "sentence spoken by espeak-ng in its identity's voice at the class's pitch, rate and loudness "
+        "(docs/demo.md). "
         f"MTCNN found the face in {', '.join(f'{frames[s]} frames of {scored[s]} {s} clips' for s in SPLITS)}; "
         "clips without any face are not scored. Crops: `sse` mode (5-point similarity), "
         f"{c.face_size}x{c.face_size}.",
@@ -392,9 +492,22 @@ def write_report(demo):
     ]
     for net in c.nets:
         lines += [f"### `{net}`", "", image(f"curves_{net}", f"training curves of {net}"), ""]
+    lines += [
+        "### The audio and LBP-TOP models",
+        "",
+        "Each clip's sound (a sentence spoken by espeak-ng, in the class's pitch, rate and loudness) gives "
+        "88 openSMILE eGeMAPSv02 functionals; its aligned face crops, gray at 64x64, give LBP-TOP "
+        f"histograms. `{c.audio_net}` and `{c.lbptop_net}` learn them from the train clips with "
+        f"`caffe train`, {c.descriptor_max_iter} iterations, batch 32, standardised with the train mean and std.",
+        "",
+    ]
+    for kind in DESCRIPTORS:
+        lines += [image(f"curves_{kind}", f"training curves of the {kind} model"), ""]
     lines += ["## Confusion matrices (test clips)", ""]
-    lines += [image(f"confusion_{net}", f"{net} test confusion") for net in c.nets]
-    lines += [image("confusion_fusion", "fusion test confusion"), ""]
+    lines += [image(f"confusion_{model}", f"{model} test confusion") for model in demo.models]
+    lines += [image(f"confusion_fusion_{weighting}", f"fusion ({weighting}) test confusion")
+              for weighting in WEIGHTINGS]
+    lines += [""]
     lines += ["## Commands", "", "The demo ran these commands in one process; each can be run by hand.", "", "```"]
     lines += [line for _, line in demo.commands]
     lines += ["```", "", "## Time (seconds, stages run so far)", "", "| stage | s |", "|---|---:|"]
