@@ -4,13 +4,18 @@ Two backends run the same prototxt and caffemodel: `pycaffe` (Caffe itself: im2c
 and `opencv` (OpenCV's DNN module, which imports Caffe files and has its own convolution kernels).
 Both give the same outputs (tests/test_opencv_registry.py). `auto` picks the faster one for a net,
 as `make bench` measured it on the CPU (bench/NOTES.md).
+
+pycaffe runs the net with BatchNorm and Scale folded into the convolution before them
+(emotiw.caffe.fold), in memory: the files are left as they are. OpenCV fuses those layers itself.
 """
 
 import contextlib
+import tempfile
 
 import numpy as np
 
 from emotiw.caffe.env import import_caffe
+from emotiw.caffe.fold import find_chains, fold_net, fold_params
 from emotiw.caffe.proto import deploy_input, read_net_param
 from emotiw.errors import UserError
 from emotiw.formats.files import file_identity
@@ -25,10 +30,19 @@ def check_backend(backend):
 
 
 class PycaffeNet:
-    def __init__(self, deploy, weights):
+    """fold: BatchNorm and Scale folded into the layer before them (`chains` lists those folded);
+    keep: blobs the folding must not take away (a blob between a convolution and its BatchNorm)."""
+
+    def __init__(self, deploy, weights, fold=True, keep=()):
         caffe = import_caffe()
         caffe.set_mode_cpu()
         self.net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
+        self.chains = []
+        if fold:
+            param = read_net_param(deploy)
+            self.chains = find_chains(param, keep)
+            if self.chains:
+                self.net = folded_twin(caffe, self.net, param, self.chains)
         self.input = self.net.inputs[0]
         self.input_shape = tuple(self.net.blobs[self.input].data.shape[1:])
         self.blob_names = list(self.net.blobs)
@@ -41,6 +55,22 @@ class PycaffeNet:
         data.data[...] = batch
         self.net.forward()
         return {name: self.net.blobs[name].data.copy() for name in blobs}  # Caffe reuses its blobs
+
+
+def folded_twin(caffe, net, param, chains):
+    """A new pycaffe net of the folded prototxt, holding `net`'s weights with the chains folded."""
+    from google.protobuf import text_format
+
+    folded = fold_params(chains, {name: [blob.data for blob in net.params[name]]
+                                  for chain in chains for name in chain.layers})
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt") as prototxt:  # pycaffe reads nets from files only
+        prototxt.write(text_format.MessageToString(fold_net(param, chains)))
+        prototxt.flush()
+        twin = caffe.Net(prototxt.name, caffe.TEST)
+    for name, blobs in twin.params.items():
+        for blob, values in zip(blobs, folded.get(name) or [blob.data for blob in net.params[name]]):
+            blob.data[...] = values
+    return twin
 
 
 class OpenCVNet:
@@ -67,10 +97,7 @@ class OpenCVNet:
         return {name: np.asarray(out).copy() for name, out in zip(blobs, outputs)}
 
 
-RUNNERS = {"pycaffe": PycaffeNet, "opencv": OpenCVNet}
-
-
-_loaded = None  # within reusing_nets(): (files, backend, preferred) -> (net, backend name)
+_loaded = None  # within reusing_nets(): (files, backend, preferred, fold, keep) -> (net, backend name)
 
 
 @contextlib.contextmanager
@@ -85,19 +112,20 @@ def reusing_nets():
         _loaded = outer
 
 
-def load_net(deploy, weights, backend="auto", preferred="pycaffe"):
+def load_net(deploy, weights, backend="auto", preferred="pycaffe", fold=True, keep=()):
     """(net, backend name) for a deploy prototxt and its weights. `auto` takes `preferred`, the
-    faster backend for this net, and falls back to pycaffe when OpenCV cannot load the net."""
+    faster backend for this net, and falls back to pycaffe when OpenCV cannot load the net.
+    fold and keep: PycaffeNet's (OpenCV folds on its own)."""
     check_backend(backend)
     if _loaded is None:
-        return _load_net(deploy, weights, backend, preferred)
-    key = (tuple(file_identity(deploy)), tuple(file_identity(weights)), backend, preferred)
+        return _load_net(deploy, weights, backend, preferred, fold, keep)
+    key = (tuple(file_identity(deploy)), tuple(file_identity(weights)), backend, preferred, fold, tuple(keep))
     if key not in _loaded:
-        _loaded[key] = _load_net(deploy, weights, backend, preferred)
+        _loaded[key] = _load_net(deploy, weights, backend, preferred, fold, keep)
     return _loaded[key]
 
 
-def _load_net(deploy, weights, backend, preferred):
+def _load_net(deploy, weights, backend, preferred, fold, keep):
     if backend == "auto":
         if preferred == "opencv":
             try:
@@ -105,4 +133,6 @@ def _load_net(deploy, weights, backend, preferred):
             except UserError:
                 pass
         backend = "pycaffe"
-    return RUNNERS[backend](deploy, weights), backend
+    if backend == "opencv":
+        return OpenCVNet(deploy, weights), backend
+    return PycaffeNet(deploy, weights, fold, keep), backend

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from emotiw import nets
 from emotiw.caffe.env import import_caffe
 from emotiw.caffe.proto import read_net_param
@@ -84,8 +86,8 @@ class WeightsReport:
         return out
 
 
-def read_caffemodel(path):
-    """The file's layers as {name: [blob shape, ...]}, in file order (first layer of each name)."""
+def read_caffemodel_param(path):
+    """The file as a caffe_pb2.NetParameter, refused with one line when it is not a binary caffemodel."""
     from google.protobuf.message import DecodeError
 
     path = Path(path)
@@ -100,6 +102,12 @@ def read_caffemodel(path):
         net.ParseFromString(data)
     except DecodeError as error:
         raise UserError(f"{path} is truncated or not a Caffe model ({error}); download it again") from None
+    return net
+
+
+def read_caffemodel(path):
+    """The file's layers as {name: [blob shape, ...]}, in file order (first layer of each name)."""
+    net = read_caffemodel_param(path)
     layers = list(net.layer) or list(net.layers)
     blobs = {}
     for layer in layers:
@@ -120,6 +128,12 @@ def _blob_shape(path, layer, blob):
         raise UserError(f"{path}: layer '{layer}' has a blob of shape {list(shape)} with {values} "
                         "values; the file is damaged")
     return shape
+
+
+def blob_array(path, layer, blob):
+    """A stored blob as a float32 array of its shape."""
+    values = blob.data if len(blob.data) else blob.double_data
+    return np.asarray(values, dtype=np.float32).reshape(_blob_shape(path, layer, blob))
 
 
 def same_shape(net_shape, file_shape):

@@ -1,5 +1,7 @@
-"""`emotiw weights report NET --weights F`: which layers of a net a caffemodel initialises."""
+"""`emotiw weights report NET --weights F`: which layers of a net a caffemodel initialises;
+`emotiw weights fold NET --weights F --out DIR`: the net and weights with BatchNorm and Scale folded."""
 
+from emotiw.caffe.fold import fold_weights
 from emotiw.caffe.weights import weights_report
 
 
@@ -16,9 +18,30 @@ def register(subparsers):
     report.add_argument("net", metavar="NET", help="registered net name, or a deploy/train prototxt")
     report.add_argument("--weights", required=True, metavar="FILE.caffemodel")
     report.set_defaults(func=run)
+    fold = actions.add_parser(
+        "fold", help="write NET and its caffemodel with BatchNorm and Scale folded into the convolutions",
+        description="Folds every BatchNorm (and the Scale after it) into the Convolution or InnerProduct "
+                    "before it and writes DIR/deploy.prototxt and DIR/<FILE's name>, for inference with "
+                    "any Caffe (emotiw test and extract already fold in memory). The inputs are not changed.")
+    fold.add_argument("net", metavar="NET", help="registered net name, or a deploy prototxt")
+    fold.add_argument("--weights", required=True, metavar="FILE.caffemodel")
+    fold.add_argument("--out", required=True, metavar="DIR")
+    fold.set_defaults(func=run_fold)
 
 
 def run(args):
     report = weights_report(args.net, args.weights)
     print("\n".join(report.lines()))
     return 0 if report.loadable and report.loaded else 1  # NOTHING LOADED is no use either
+
+
+def run_fold(args):
+    chains, prototxt, caffemodel = fold_weights(args.net, args.weights, args.out)
+    if not chains:
+        print(f"nothing to fold in {args.net}: no BatchNorm right after a Convolution or InnerProduct; "
+              "nothing written")
+        return 0
+    scales = sum(chain.scale is not None for chain in chains)
+    print(f"folded {len(chains)} BatchNorm and {scales} Scale layers into the layers before them: "
+          f"wrote {prototxt} and {caffemodel}")
+    return 0
