@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emotiw.distributed import RAY_HELP
 from emotiw.stages.extract import DATABASES, extract, leveldb2mat
 
 
@@ -27,6 +28,10 @@ def register(subparsers):
     parser.add_argument("--v73", action="store_true", help="write an HDF5-based MATLAB v7.3 .mat")
     parser.add_argument("--allow-partial", action="store_true",
                         help="extract even when the weights leave layers at their random filler init")
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="run BatchNorm and Scale as layers of their own instead of folding them into the "
+                             "convolution before them (the same features within 1e-5, slower)")
+    parser.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help=RAY_HELP)
     parser.set_defaults(func=run_extract)
 
     convert = subparsers.add_parser(
@@ -59,7 +64,7 @@ def describe(variables):
 def run_extract(args):
     result = extract(args.net, args.weights, args.out, blob=args.blob, frame_list=args.list,
                      video_list=args.videos, db=args.db, batch=args.batch, v73=args.v73,
-                     allow_partial=args.allow_partial)
+                     allow_partial=args.allow_partial, fold=args.fold, ray=args.ray)
     print(f"wrote {result.mat}: {describe(result.variables)}")
     return 0
 

@@ -1,5 +1,6 @@
 """`emotiw preprocess`: video clips or face images -> aligned face crops, manifest, lists (emotiw.stages.preprocess)."""
 
+from emotiw.distributed import RAY_HELP
 from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY
 from emotiw.face.shots import SHOT_THRESHOLD
 from emotiw.face.track import SUBJECT_RULES
@@ -41,6 +42,7 @@ def register(subparsers):
     sampling.add_argument("--every", type=int, metavar="K", help="keep every K-th frame")
     parser.add_argument("--max-frames", type=int, metavar="N", help="keep at most the first N kept frames of a clip")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="clips processed in parallel (processes)")
+    parser.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help=RAY_HELP)
     parser.add_argument("--lmdb", action="store_true", help="also an LMDB per split (convert_imageset) and its mean")
     parser.add_argument("--split", metavar="NAME",
                         help="split name, letters, digits, _ and - (default: RAF-DB file prefix with --label-map rafdb, "
@@ -56,5 +58,5 @@ def run(args):
                every=args.every, max_frames=args.max_frames, workers=args.workers, lmdb=args.lmdb,
                split=args.split, dsn_frames=args.dsn_frames, subject=args.subject, detect=args.detect,
                redetect_every=args.redetect_every, shot_threshold=args.shot_threshold,
-               min_coverage=args.min_coverage)
+               min_coverage=args.min_coverage, ray=args.ray)
     return 0

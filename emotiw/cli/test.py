@@ -4,6 +4,7 @@ from pathlib import Path
 
 from emotiw.caffe.runtime import BACKENDS
 from emotiw.caffe.transform import PREPROCESSING_KINDS
+from emotiw.distributed import RAY_HELP
 from emotiw.stages.test import AGGREGATIONS, summary_line, test
 
 
@@ -36,12 +37,17 @@ def register(subparsers):
     parser.add_argument("--allow-partial", action="store_true",
                         help="test even when the weights leave layers at their random filler init "
                              "(refused by default: a truncated caffemodel still loads)")
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="with pycaffe, run BatchNorm and Scale as layers of their own instead of folding "
+                             "them into the convolution before them (the same scores within 1e-5, slower)")
+    parser.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help=RAY_HELP)
     parser.set_defaults(func=run)
 
 
 def run(args):
     result = test(args.net, args.weights, args.videos, args.out, backend=args.backend, batch=args.batch,
                   agg=args.agg, blobs=[b for b in args.blobs.split(",") if b], preprocess=args.preprocess,
-                  mean_file=args.mean_file, prior_list=args.prior_list, allow_partial=args.allow_partial)
+                  mean_file=args.mean_file, prior_list=args.prior_list, allow_partial=args.allow_partial,
+                  fold=args.fold, ray=args.ray)
     print(f"{summary_line(result.metrics)}; outputs in {args.out}")
     return 0

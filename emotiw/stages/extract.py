@@ -12,22 +12,25 @@ Datum must hold DIM values and the indices must be 0..BATCH_NUM*BATCH_SIZE-1. Da
 without pycaffe (emotiw.formats.db).
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from emotiw.caffe.fold import fold_files
 from emotiw.caffe.proto import data_layers_in_test, read_net_param
 from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
-from emotiw.formats.db import read_features
+from emotiw.formats.db import read_features, read_store
 from emotiw.formats.files import atomic_write_text, file_identity, replace_dir, safe_name
 from emotiw.formats.lists import list_frames, read_list, read_paths, resolve_listed_path, write_list
 from emotiw.formats.mat import save_mat
@@ -135,24 +138,134 @@ def write_extract_net(net, layer, list_file, batch, path):
     atomic_write_text(path, text_format.MessageToString(net))
 
 
-def run_extract_features(weights, net_file, blob, store, num_batches, db, log_path, total):
-    """Caffe's extract_features into a fresh `store`, built beside it and renamed when complete."""
-    from tqdm import tqdm
+@contextlib.contextmanager
+def folded_files(net, net_file, weights, out, blob):
+    """(prototxt, caffemodel) for extract_features with BatchNorm and Scale folded (emotiw.caffe.fold),
+    written into a temporary folder inside `out`, removed afterwards; the given files when nothing folds."""
+    with tempfile.TemporaryDirectory(prefix=".fold-", dir=out) as scratch:
+        folded = Path(scratch) / Path(net_file).name, Path(scratch) / Path(weights).name
+        yield folded if fold_files(net, weights, *folded, keep=[blob]) else (net_file, weights)
 
+
+def run_extract_features(weights, net_file, blob, store, num_batches, db, log_path, progress):
+    """Caffe's extract_features into a fresh `store`, built beside it and renamed when complete;
+    `progress` gets the number of images done since its last call."""
     partial = store.with_name(f".{store.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)  # an interrupted run's leftovers: extract_features refuses an existing store
     command = tool_command("extract_features", weights, net_file, blob, partial, num_batches, db, "CPU")
-    with tqdm(total=total, unit="image", desc="extract_features", disable=None) as bar:
-        def progress(line, _process):
-            if match := EXTRACTED.search(line):
-                bar.update(int(match.group(1)) - bar.n)
+    reported = 0
 
-        status, logged = run_logged(command, log_path, progress)
+    def on_line(line, _process):
+        nonlocal reported
+        if match := EXTRACTED.search(line):
+            progress(int(match.group(1)) - reported)
+            reported = int(match.group(1))
+
+    status, logged = run_logged(command, log_path, on_line)
     if status != 0:
         raise UserError(f"extract_features failed (exit {status}): {first_fatal_line(logged)}; "
                         f"full log in {log_path}")
     replace_dir(partial, store)
+
+
+def run_features(net, net_file, weights, blob, store, num_batches, db, log_path, fold, progress):
+    """run_extract_features on `net` (written at net_file), with fold on copies of the net and weights
+    with BatchNorm and Scale folded, in a temporary folder beside net_file."""
+    unfolded = contextlib.nullcontext((net_file, weights))
+    with folded_files(net, net_file, weights, Path(net_file).parent, blob) if fold else unfolded as (run_net, run_weights):
+        run_extract_features(run_weights, run_net, blob, store, num_batches, db, log_path, progress)
+
+
+# ------------------------------------------------------------------------------------------
+# On a Ray cluster (emotiw.distributed)
+
+PIECES_PER_WORKER = 4  # a slow node or a killed worker holds up only a small piece
+
+
+def extract_piece(net, weights, frames, labels, batch, blob, db, fold, scratch, progress=None):
+    """One piece of `extract` on a Ray worker: extract_features over `frames`, whole mini-batches,
+    in the folder `scratch` of this node's temporary directory (made anew: a killed try leaves it,
+    and kept when extract_features fails, for its log). Returns the store's values in key order and
+    the log."""
+    work = Path(tempfile.gettempdir()) / scratch
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    list_file, net_file, store, log = (work / name for name in ("frames.txt", "test.prototxt", "store", "log"))
+    write_list(list_file, frames, labels)
+    write_extract_net(net, image_data_layer(net, net_file), list_file, batch, net_file)
+    run_features(net, net_file, weights, blob, store, len(frames) // batch, db, log, fold, progress)
+    values = [value for _, value in read_store(store, db == "lmdb")]
+    text = log.read_text()
+    shutil.rmtree(work)
+    return values, text
+
+
+def extract_on_cluster(cluster, net, weights, frames, labels, batch, num_batches, blob, db, fold, store, log_path):
+    """extract_features on a Ray cluster. A task per clip would change the mini-batches (a local
+    run's batches cross clip boundaries, and a frame list has no clips), so the mini-batches are
+    split into contiguous pieces instead, each given the very frames of its batches in the local run
+    (the last one the wrap-around rows ImageData adds from the list's start). Their values go into
+    the store under the local run's keys, into a folder renamed into place when complete."""
+    from uuid import uuid4
+
+    from tqdm import tqdm
+
+    with cluster:
+        pieces = np.array_split(np.arange(num_batches), min(num_batches, cluster.size * PIECES_PER_WORKER))
+        rows = [np.arange(piece[0] * batch, (piece[-1] + 1) * batch) % len(frames) for piece in pieces]
+        run = uuid4().hex
+        calls = [(net, weights, [frames[r] for r in piece], [labels[r] for r in piece], batch, blob, db, fold,
+                  f"emotiw-extract-{run}-{index}") for index, piece in enumerate(rows)]
+        names = [f"mini-batches {piece[0]} to {piece[-1]}" for piece in pieces]
+        partial = store.with_name(f".{store.name}.partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        logs = [""] * len(pieces)
+        with tqdm(total=num_batches * batch, unit="image", desc="extract_features", disable=None) as bar, \
+                feature_store(partial, db) as put:
+            for index, (values, log) in cluster.run(extract_piece, calls, names, bar.update):
+                first = int(pieces[index][0]) * batch
+                put([(b"%010d" % (first + row), value) for row, value in enumerate(values)])  # extract_features' keys
+                logs[index] = log
+    atomic_write_text(log_path, "".join(logs))
+    replace_dir(partial, store)
+
+
+@contextlib.contextmanager
+def feature_store(path, db):
+    """A new LevelDB or LMDB at `path`; yields put(pairs), one write transaction per call."""
+    if db == "lmdb":
+        import lmdb
+
+        env = lmdb.open(str(path))
+        try:
+            def put(pairs):
+                while True:
+                    try:
+                        with env.begin(write=True) as txn:
+                            for key, value in pairs:
+                                txn.put(key, value)
+                        return
+                    except lmdb.MapFullError:  # the map grows as Caffe's does: doubled, then the batch again
+                        env.set_mapsize(env.info()["map_size"] * 2)
+
+            yield put
+        finally:
+            env.close()
+        return
+    import plyvel
+
+    leveldb = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
+    try:
+        def put(pairs):
+            with leveldb.write_batch() as write:
+                for key, value in pairs:
+                    write.put(key, value)
+
+        yield put
+    finally:
+        leveldb.close()
 
 
 @dataclass
@@ -164,7 +277,7 @@ class ExtractResult:
 
 
 def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db="leveldb", batch=None,
-            v73=False, allow_partial=False) -> ExtractResult:
+            v73=False, allow_partial=False, fold=True, ray=None) -> ExtractResult:
     """Features of every listed frame with Caffe's extract_features, into a LevelDB/LMDB and a .mat.
 
     net: a registered name or a test.prototxt with one TEST-phase ImageData layer; weights: its
@@ -173,8 +286,13 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     video_list clips, else the net's own source); video_list: also per-video means (video_feats,
     video_names, video_labels, video_n_frames); db: leveldb or lmdb; batch: the mini-batch size
     (default the test net's); v73: a MATLAB v7.3 (HDF5) .mat; allow_partial: go on when the weights
-    leave layers of the deploy net at their random filler init (refused by default). A rerun with the
-    same inputs skips extract_features and only rewrites the .mat.
+    leave layers of the deploy net at their random filler init (refused by default); fold: run
+    extract_features on copies of the net and weights with BatchNorm and Scale folded into the
+    convolution before them (in a temporary folder inside `out`); ray: run extract_features on a Ray
+    cluster, a few pieces of the mini-batches per worker, into the same store (extract_on_cluster):
+    True for `ray.init()`, or the head node's HOST:PORT; every node must see the net, the weights
+    and the frames at the same paths. A rerun with the same inputs skips extract_features and only
+    rewrites the .mat.
     """
     if db not in DATABASES:
         raise UserError(f"unknown database {db!r}; choose leveldb or lmdb")
@@ -182,6 +300,11 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
         raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
     ref = resolve_net(net, "test")
     test_file = ref.file
+    cluster = None
+    if ray:
+        from emotiw.distributed import Cluster
+
+        cluster = Cluster(ray, needs=[weights, test_file])
     deploy = ref.sibling("deploy")
     if deploy is not None:  # the test net has ImageData, whose shapes need images; its deploy twin does not
         check_weights(str(deploy), weights, allow_partial=allow_partial)
@@ -205,15 +328,22 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     write_extract_net(net_param, layer, list_file.resolve(), batch, net_file)
     store = out / f"{safe_name(blob)}_{db}"
     record = {"weights": file_identity(weights), "net": net_file.read_text(), "frames": list_file.read_text(),
-              "blob": blob, "batches": num_batches, "backend": db}
+              "blob": blob, "batches": num_batches, "backend": db, "fold": fold}
     record_file = out / "extract.json"
     done = store.is_dir() and record_file.is_file() and json.loads(record_file.read_text()) == record
     if done:
         print(f"{store} is up to date; not extracting again", file=sys.stderr)
     else:
         record_file.unlink(missing_ok=True)
-        run_extract_features(weights, net_file, blob, store, num_batches, db,
-                             out / "extract_features.log", num_batches * batch)
+        log_path = out / "extract_features.log"
+        if cluster is None:
+            from tqdm import tqdm
+
+            with tqdm(total=num_batches * batch, unit="image", desc="extract_features", disable=None) as bar:
+                run_features(net_param, net_file, weights, blob, store, num_batches, db, log_path, fold, bar.update)
+        else:
+            extract_on_cluster(cluster, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, store,
+                               log_path)
         atomic_write_text(record_file, json.dumps(record))
     mat = out / "features.mat"
     variables = leveldb2mat(store, num_batches, batch, None, mat, num_images=len(frames),

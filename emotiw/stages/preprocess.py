@@ -334,17 +334,21 @@ def process_item(item, out, settings, kind, progress=None):
     return result
 
 
-def _init_worker(progress_queue, threads):
+def limit_threads(threads):
     """Each worker gets its share of the cores: N workers each running OpenCV's and OpenBLAS's
     all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS reads its variable when
-    Caffe loads it, which happens later, in detector(); a value the user set is kept.
+    Caffe loads it, which happens later, in detector(); a value the user set is kept."""
+    import cv2
 
-    A worker dies with the main process, even a killed one (the pool starts workers from the main
-    thread, whose end is what PR_SET_PDEATHSIG watches), and leaves Ctrl-C to it."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    cv2.setNumThreads(threads)
+
+
+def _init_worker(progress_queue, threads):
+    """A worker (limit_threads) dies with the main process, even a killed one (the pool starts
+    workers from the main thread, whose end is what PR_SET_PDEATHSIG watches), and leaves Ctrl-C to it."""
     global _worker_progress
     import multiprocessing
-
-    import cv2
 
     die_with_parent()
     parent = multiprocessing.parent_process()
@@ -352,8 +356,7 @@ def _init_worker(progress_queue, threads):
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends Ctrl-C to every process of the run
     _worker_progress = progress_queue.put
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
-    cv2.setNumThreads(threads)
+    limit_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,13 +444,21 @@ def update_errors(out, input_root, problems):
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def run_items(pending, out, settings, kind, workers):
-    """Processes the pending clips, `workers` at a time; yields each ClipResult when done."""
+def run_items(pending, out, settings, kind, workers, cluster=None):
+    """Processes the pending clips, `workers` at a time (or on a Ray `cluster`, one task per clip);
+    yields each ClipResult when done."""
     from tqdm import tqdm
 
     clip_bar = tqdm(total=len(pending), desc="clips", unit="clip", disable=None)
     frame_bar = tqdm(desc="frames", unit="frame", disable=None)
     try:
+        if cluster is not None and pending:
+            calls = [(item, out, settings, kind) for item in pending]
+            labels = [f"{item.split}/{item.clip}" for item in pending]
+            for _, result in cluster.run(process_item, calls, labels, frame_bar.update):
+                clip_bar.update()
+                yield result
+            return
         if workers <= 1 or len(pending) <= 1:
             for item in pending:
                 yield process_item(item, out, settings, kind, frame_bar.update)
@@ -598,7 +609,7 @@ def check_options(size, workers, subject, detect, redetect_every, shot_threshold
 def preprocess(out, videos=None, images=None, labels=None, label_map="afew", aligned=False, mode="dsn",
                size=None, gray=False, fps=None, every=None, max_frames=None, workers=1, lmdb=False, split=None,
                dsn_frames=False, subject=None, detect="tracked", redetect_every=REDETECT_EVERY,
-               shot_threshold=SHOT_THRESHOLD, min_coverage=None) -> PreprocessResult:
+               shot_threshold=SHOT_THRESHOLD, min_coverage=None, ray=None) -> PreprocessResult:
     """Video clips (or still face images) -> MTCNN faces -> the subject's aligned crops and Caffe lists.
 
     out: the output folder; a run into it again resumes (same settings only). videos: an AFEW-style
@@ -614,7 +625,9 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     every-frame or tracked (full MTCNN at shot starts and every `redetect_every` frames, the
     neighbourhood of the previous faces between); shot_threshold: PySceneDetect's ContentDetector
     threshold (0: no shot detection); min_coverage: clips whose subject is in fewer than this
-    percentage of frames get a line in errors.csv.
+    percentage of frames get a line in errors.csv; ray: run the clips on a Ray cluster instead of
+    `workers` processes, one task per clip (emotiw.distributed): True for `ray.init()`, or the head
+    node's HOST:PORT; every node must see the inputs and `out` at the same paths.
     """
     started = time.monotonic()
     out = Path(out)
@@ -626,6 +639,9 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
         raise UserError("--aligned applies to --images (already-aligned face crops), not to --videos")
     check_options(size, workers, subject, detect, redetect_every, shot_threshold, min_coverage)
     check_sampling(fps, every, max_frames)
+    if ray and (workers > 1 or dsn_frames):
+        raise UserError("--ray runs one clip per CPU of the cluster; drop --workers (and --dsn-frames, which "
+                        "runs on this machine only)")
     settings = Settings(mode=mode, size=size or MODES[mode].size, gray=gray, fps=fps, every=every,
                         max_frames=max_frames, aligned=aligned, subject=subject or DEFAULT_SUBJECT[mode],
                         detect=detect, redetect_every=redetect_every, shot_threshold=float(shot_threshold))
@@ -635,10 +651,16 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     if not items and not problems:
         raise UserError(f"no {'images' if images else 'video clips'} found in {root}; give the folder that holds "
                         f"them (AFEW's layout: {root}/<Emotion>/<clip>, or the files in {root} itself)")
+    cluster = None
+    if ray:
+        from emotiw.distributed import Cluster
+
+        cluster = Cluster(ray, needs=[root, out])
     with writing_into(out):
         if dsn_frames:
             return dsn_frames_only(out, root, items, problems, started)
-        return _preprocess_items(out, root, items, problems, settings, kind, workers, lmdb, min_coverage, started)
+        return _preprocess_items(out, root, items, problems, settings, kind, workers, lmdb, min_coverage, started,
+                                 cluster)
 
 
 @contextlib.contextmanager
@@ -660,19 +682,21 @@ def writing_into(out):
                         f"run the same command again (finished clips are kept)") from None
 
 
-def _preprocess_items(out, root, items, problems, settings, kind, workers, lmdb, min_coverage, started):
+def _preprocess_items(out, root, items, problems, settings, kind, workers, lmdb, min_coverage, started, cluster):
     check_settings(out, settings)
     remove_stale_temporaries(out)
     for problem in problems:
         print_problem(problem)
     pending = [item for item in items if not part_path(out, item).exists()]
     processed = []
-    with contextlib.closing(run_items(pending, out, settings, kind, workers)) as results:
+    connected = cluster if cluster is not None and pending else contextlib.nullcontext()  # before the bars start
+    with connected, contextlib.closing(run_items(pending, out, settings, kind, workers, cluster)) as results:
         for result in results:
             processed.append(result)
             if result.error:
                 problems.append(Problem(result.item.split, result.item.clip, str(result.item.source), result.error))
                 print_problem(problems[-1])
+    remove_stale_temporaries(out)  # those of Ray workers killed mid-clip, whose clips were run again
     rows = merge_parts(out)
     write_rows(out / "manifest.csv", rows)
     write_detections(out)

@@ -9,6 +9,7 @@ clip without a readable face frame gets a fallback score, the class prior of a t
 Preprocessing follows the net's paper unless `preprocess` says otherwise (emotiw.caffe.transform).
 """
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -93,30 +94,94 @@ def _save_checkpoint(path, signature, done, scores, readable):
         np.savez(handle, signature=signature, done=done, readable=readable[:done], **arrays)
 
 
-def score_frames(backend, preprocessing, frames, blobs, batch_size, checkpoint=None, signature=""):
+def batch_spans(clip_sizes, batch_size):
+    """(start, stop) of each forward pass over the frames of clips of these sizes, one clip after the
+    other: `batch_size` frames at a time, never across a clip boundary. A clip's scores then depend on
+    its own frames only, and a clip scored alone (on a Ray worker) gives the same bytes."""
+    spans, start = [], 0
+    for size in clip_sizes:
+        spans += [(first, min(first + batch_size, start + size)) for first in range(start, start + size, batch_size)]
+        start += size
+    return spans
+
+
+def score_batch(backend, preprocessing, paths, blobs):
+    """One forward pass: ({blob: a row per readable image}, the readable mask)."""
+    images = [preprocessing.load(path) for path in paths]
+    ok = np.array([image is not None for image in images])
+    if not ok.any():
+        return {}, ok
+    outputs = backend.forward(np.stack([image for image in images if image is not None]), blobs)
+    return {name: outputs[name].reshape(int(ok.sum()), -1) for name in blobs}, ok
+
+
+def score_clip(net, preprocessing, frames, blobs, batch_size, progress=None):
+    """One clip's frames (or those left of it after a checkpoint) on a Ray worker, which keeps the net
+    loaded between clips (emotiw.distributed): [(offset, rows, readable)] per forward pass. net:
+    load_net's arguments."""
+    backend, _ = load_net(*net)
+    parts = []
+    for start, stop in batch_spans([len(frames)], batch_size):
+        parts.append((start, *score_batch(backend, preprocessing, frames[start:stop], blobs)))
+        if progress is not None:
+            progress(stop - start)
+    return parts
+
+
+def _local_parts(backend, preprocessing, frames, blobs, spans, progress):
+    for start, stop in spans:
+        part = (start, *score_batch(backend, preprocessing, frames[start:stop], blobs))
+        progress(stop - start)
+        yield part
+
+
+def _cluster_parts(cluster, net, preprocessing, frames, blobs, batch_size, clip_sizes, done, progress):
+    """Each clip with frames left is one Ray task; a checkpoint ends on a forward pass's end, so a
+    clip taken up there gets the same passes as an uninterrupted run."""
+    bounds = np.cumsum([0, *clip_sizes])
+    ranges = [(max(int(first), done), int(stop)) for first, stop in zip(bounds[:-1], bounds[1:])]
+    ranges = [(first, stop) for first, stop in ranges if stop > first]  # not empty, not checkpointed
+    calls = [(net, preprocessing, frames[first:stop], blobs, batch_size) for first, stop in ranges]
+    labels = [f"frames {first} to {stop - 1}" for first, stop in ranges]
+    for index, parts in cluster.run(score_clip, calls, labels, progress):
+        for offset, rows, ok in parts:
+            yield ranges[index][0] + offset, rows, ok
+
+
+def score_frames(backend, preprocessing, frames, blobs, batch_size, checkpoint=None, signature="",
+                 clip_sizes=None, cluster=None, net=None):
     """Per-frame rows of every blob (NaN rows for unreadable images) and the readable mask.
 
-    With a checkpoint path, progress is saved every CHECKPOINT_SECONDS and a rerun resumes there."""
+    clip_sizes: the frames of each clip, in order (default: one clip); no forward pass crosses a
+    clip boundary (batch_spans). With a checkpoint path, progress is saved every CHECKPOINT_SECONDS
+    and a rerun resumes there. cluster: a connected emotiw.distributed.Cluster that scores the clips,
+    one Ray task each, its workers loading the net with load_net(*net); `backend` then only gives
+    the blobs' sizes."""
     from tqdm import tqdm
 
     probe = backend.forward(np.zeros((1, *backend.input_shape), dtype=np.float32), blobs)
     scores = {name: np.full((len(frames), probe[name][0].size), np.nan) for name in blobs}
     readable = np.zeros(len(frames), dtype=bool)
     done = _load_checkpoint(checkpoint, signature, scores, readable) if checkpoint else 0
+    finished = np.arange(len(frames)) < done
+    clip_sizes = [len(frames)] if clip_sizes is None else clip_sizes
     saved_at = time.monotonic()
     with tqdm(total=len(frames), initial=done, unit="frame", desc="frames", disable=None) as bar:
-        for start in range(done, len(frames), batch_size):
-            chunk = frames[start:start + batch_size]
-            images = [preprocessing.load(path) for path in chunk]
-            ok = np.array([image is not None for image in images])
-            if ok.any():
-                outputs = backend.forward(np.stack([image for image in images if image is not None]), blobs)
-                for name in blobs:
-                    scores[name][start:start + len(chunk)][ok] = outputs[name].reshape(int(ok.sum()), -1)
-            readable[start:start + len(chunk)] = ok
-            bar.update(len(chunk))
+        if cluster is None:
+            spans = [(start, stop) for start, stop in batch_spans(clip_sizes, batch_size) if stop > done]
+            parts = _local_parts(backend, preprocessing, frames, blobs, spans, bar.update)
+        else:
+            parts = _cluster_parts(cluster, net, preprocessing, frames, blobs, batch_size, clip_sizes, done, bar.update)
+        for start, rows, ok in parts:
+            stop = start + len(ok)
+            for name, values in rows.items():
+                scores[name][start:stop][ok] = values
+            readable[start:stop] = ok
+            finished[start:stop] = True
             if checkpoint and time.monotonic() - saved_at > CHECKPOINT_SECONDS:
-                _save_checkpoint(checkpoint, signature, start + len(chunk), scores, readable)
+                # the frames before the first unfinished one: Ray's clips finish in any order
+                prefix = len(frames) if finished.all() else int(np.argmin(finished))
+                _save_checkpoint(checkpoint, signature, prefix, scores, readable)
                 saved_at = time.monotonic()
     return scores, readable
 
@@ -277,7 +342,7 @@ class TestResult:
 
 
 def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=("prob",), preprocess=None,
-         mean_file=None, prior_list=None, allow_partial=False):
+         mean_file=None, prior_list=None, allow_partial=False, fold=True, ray=None):
     """Tests a deploy net on every clip of a video list: per-frame blobs, per-clip scores and metrics.
 
     net: a registered name or a deploy prototxt; weights: its .caffemodel; videos: a video list
@@ -287,8 +352,12 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     scores.txt and must hold the 7 class scores; preprocess: dsn, sse or none (default: the net's
     paper); mean_file: a mean.binaryproto for sse; prior_list: a training list whose class prior
     scores clips without a face (default uniform); allow_partial: run even when the weights leave
-    layers at their random filler init (refused by default). A rerun resumes from a checkpoint in `out`.
-    Refuses a list none of whose clips has a readable face frame.
+    layers at their random filler init (refused by default); fold: pycaffe runs the net with BatchNorm
+    and Scale folded into the convolution before them (emotiw.caffe.fold; the files stay as they are);
+    ray: score the clips on a Ray cluster, one task per clip (emotiw.distributed): True for
+    `ray.init()`, or the head node's HOST:PORT; every node must see the list, its frames and the net
+    at the same paths (feature classifiers, one forward pass for all clips, run here).
+    A rerun resumes from a checkpoint in `out`. Refuses a list none of whose clips has a readable face frame.
     """
     blobs = list(dict.fromkeys(blobs))
     if batch < 1:
@@ -296,14 +365,19 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     check_backend(backend)
     ref = resolve_net(net, "deploy")
     if Path(videos).is_file() and source_type(videos) == "hdf5":
-        return test_features(ref, weights, videos, out, backend, batch, allow_partial)
+        return test_features(ref, weights, videos, out, backend, batch, allow_partial, fold)
     deploy = ref.file
+    cluster = None
+    if ray:
+        from emotiw.distributed import Cluster
+
+        cluster = Cluster(ray, needs=[videos, deploy, weights])
     clips = read_clips(videos)
     if not any(clip.frames for clip in clips):
         raise UserError(no_frames_message(clips, videos))
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
     check_weights(str(deploy), weights, allow_partial=allow_partial)
-    runner, backend = load_net(deploy, weights, backend, ref.preferred_backend)
+    runner, backend = load_net(deploy, weights, backend, ref.preferred_backend, fold, keep=blobs)
     unknown = [name for name in blobs if name not in runner.blob_names]
     if unknown:
         raise UserError(f"no blob {', '.join(unknown)} in {deploy}; blobs: {', '.join(runner.blob_names)}")
@@ -313,7 +387,10 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     out = Path(out)
     checkpoint = out / CHECKPOINT_NAME
     signature = run_signature(deploy, weights, backend, blobs, preprocessing, frames)
-    scores, readable = score_frames(runner, preprocessing, frames, blobs, batch, checkpoint, signature)
+    with cluster or contextlib.nullcontext():  # connected before the bar starts
+        scores, readable = score_frames(runner, preprocessing, frames, blobs, batch, checkpoint, signature,
+                                        [len(clip.frames) for clip in clips], cluster,
+                                        (deploy, weights, backend, ref.preferred_backend, fold, blobs))
     if not readable.any():
         checkpoint.unlink(missing_ok=True)
         raise UserError(f"none of the {len(frames)} frame images of the clips of {videos} could be read, "
@@ -333,7 +410,7 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
                                 if clip_scores[name].shape[1] == len(EMOTIONS) and metrics["accuracy"] is not None}
     metrics.update(report_problems(clips, frames, readable))
     config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "videos": str(videos),
-              "backend": backend, "batch": batch, "aggregation": agg, "blobs": blobs, "preprocess": kind,
+              "backend": backend, "fold": fold, "batch": batch, "aggregation": agg, "blobs": blobs, "preprocess": kind,
               "preprocessing": preprocessing.describe(),
               "fallback": f"class prior of {prior_list}" if prior_list else "uniform",
               "fallback_scores": prior.tolist()}
@@ -342,7 +419,7 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     return TestResult(out=out, metrics={**metrics, "config": config}, files=files)
 
 
-def test_features(ref, weights, source, out, backend="auto", batch=16, allow_partial=False):
+def test_features(ref, weights, source, out, backend="auto", batch=16, allow_partial=False, fold=True):
     """`test` for a classifier of feature vectors (audio_linear_svm, audio_mlp): the HDF5 features
     `emotiw features` wrote, standardised with the statistics the training stored beside the deploy
     net (standardisation.json), one row per clip; the same scores.txt, predictions.csv and
@@ -358,7 +435,7 @@ def test_features(ref, weights, source, out, backend="auto", batch=16, allow_par
         raise UserError(f"{source} holds {data.shape[1]} values of {feature_set_of(source)} per clip but the "
                         f"net was trained on {stats['dimension']} of {stats['feature_set']} ({stats_file})")
     check_weights(str(deploy), weights, allow_partial=allow_partial)
-    runner, backend = load_net(deploy, weights, backend, ref.preferred_backend)
+    runner, backend = load_net(deploy, weights, backend, ref.preferred_backend, fold)
     standardised = ((data - np.asarray(stats["mean"])) / np.asarray(stats["std"])).astype(np.float32)
     scores = np.concatenate([runner.forward(standardised[start:start + batch], ["prob"])["prob"].reshape(-1, len(EMOTIONS))
                              for start in range(0, len(standardised), batch)])
@@ -372,7 +449,7 @@ def test_features(ref, weights, source, out, backend="auto", batch=16, allow_par
     metrics = {"clips": len(clips), "clips_with_faces": len(clips), "fallback_clips": 0, "frames": 0,
                **(clip_metrics(labels, scores, np.ones(len(clips))) or {"accuracy": None})}
     config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "features": str(source),
-              "backend": backend, "batch": batch, "standardisation": str(stats_file)}
+              "backend": backend, "fold": fold, "batch": batch, "standardisation": str(stats_file)}
     out = Path(out)
     files = write_clip_outputs(out, clips, labels, scores, metrics, config)
     return TestResult(out=out, metrics={**metrics, "config": config}, files=files)
