@@ -105,7 +105,7 @@ def ensure_venv():
         run([sys.executable, "-m", "venv", str(VENV)])
     pip = [str(venv_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     log("installing the emotiw package and its pinned dependencies into the venv")
-    run(pip + ["-e", f"{REPO}[test]"])
+    run(pip + ["-e", f"{REPO}[test,ray]"])  # ray: tests/test_ray.py runs the stages on a real cluster
     # mtcnn ships the MTCNN weights we convert to Caffe; its own networks need TensorFlow,
     # which we never install, so its dependencies are left out on purpose. scenedetect's wheel
     # requires opencv-python, a second OpenCV beside our headless one; its other requirements
@@ -271,6 +271,15 @@ def apply_patch(src, patch):
     run(["patch", "-p1", "-s", "--no-backup-if-mismatch", "-i", str(patch)], cwd=src)
 
 
+def extract_all(archive, dest):
+    """extractall with the "tar" filter (no links or paths out of dest) where Python has it:
+    3.11.4 and later; Debian 12's python3 is 3.11.2, whose extractall takes no filter."""
+    if hasattr(tarfile, "tar_filter"):
+        archive.extractall(dest, filter="tar")
+    else:
+        archive.extractall(dest)
+
+
 def build_caffe(orig, debian, info, flags, dest):
     """Build into a temporary sibling of dest and rename it into place only when complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -281,10 +290,9 @@ def build_caffe(orig, debian, info, flags, dest):
         src, build, stage = work / "src", work / "build", work / "stage"
         prefix = stage / dest.relative_to(dest.anchor)
         src.mkdir()
-        with tarfile.open(orig) as archive:
-            archive.extractall(src, filter="tar")
-        with tarfile.open(debian) as archive:
-            archive.extractall(src, filter="tar")
+        for tarball in (orig, debian):
+            with tarfile.open(tarball) as archive:
+                extract_all(archive, src)
         patches = [src / "debian" / "patches" / name
                    for name in (src / "debian" / "patches" / "series").read_text().split()]
         for patch in patches + our_patches():
