@@ -7,6 +7,7 @@ A features store is what extract_features writes: keys are running image indices
 Datum with DIM float values.
 """
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -181,3 +182,39 @@ def build_lmdb(list_path, out_dir, split, gray=False):
     with atomic_open(stamp_path) as handle:
         handle.write(stamp)
     return target, mean
+
+
+@contextlib.contextmanager
+def write_store(path, db):
+    """A new LevelDB or LMDB at `path`; yields put(pairs), one write transaction per call."""
+    if db == "lmdb":
+        import lmdb
+
+        env = lmdb.open(str(path))
+        try:
+            def put(pairs):
+                while True:
+                    try:
+                        with env.begin(write=True) as txn:
+                            for key, value in pairs:
+                                txn.put(key, value)
+                        return
+                    except lmdb.MapFullError:  # the map grows as Caffe's does: doubled, then the batch again
+                        env.set_mapsize(env.info()["map_size"] * 2)
+
+            yield put
+        finally:
+            env.close()
+        return
+    import plyvel
+
+    leveldb = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
+    try:
+        def put(pairs):
+            with leveldb.write_batch() as write:
+                for key, value in pairs:
+                    write.put(key, value)
+
+        yield put
+    finally:
+        leveldb.close()

@@ -30,7 +30,7 @@ from emotiw.caffe.proto import data_layers_in_test, read_net_param
 from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
-from emotiw.formats.db import read_features, read_store
+from emotiw.formats.db import read_features, read_store, write_store
 from emotiw.formats.files import atomic_write_text, file_identity, replace_dir, safe_name
 from emotiw.formats.lists import list_frames, read_list, read_paths, resolve_listed_path, write_list
 from emotiw.formats.mat import save_mat
@@ -223,49 +223,13 @@ def extract_on_cluster(cluster, net, weights, frames, labels, batch, num_batches
             shutil.rmtree(partial)
         logs = [""] * len(pieces)
         with tqdm(total=num_batches * batch, unit="image", desc="extract_features", disable=None) as bar, \
-                feature_store(partial, db) as put:
+                write_store(partial, db) as put:
             for index, (values, log) in cluster.run(extract_piece, calls, names, bar.update):
                 first = int(pieces[index][0]) * batch
                 put([(b"%010d" % (first + row), value) for row, value in enumerate(values)])  # extract_features' keys
                 logs[index] = log
     atomic_write_text(log_path, "".join(logs))
     replace_dir(partial, store)
-
-
-@contextlib.contextmanager
-def feature_store(path, db):
-    """A new LevelDB or LMDB at `path`; yields put(pairs), one write transaction per call."""
-    if db == "lmdb":
-        import lmdb
-
-        env = lmdb.open(str(path))
-        try:
-            def put(pairs):
-                while True:
-                    try:
-                        with env.begin(write=True) as txn:
-                            for key, value in pairs:
-                                txn.put(key, value)
-                        return
-                    except lmdb.MapFullError:  # the map grows as Caffe's does: doubled, then the batch again
-                        env.set_mapsize(env.info()["map_size"] * 2)
-
-            yield put
-        finally:
-            env.close()
-        return
-    import plyvel
-
-    leveldb = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
-    try:
-        def put(pairs):
-            with leveldb.write_batch() as write:
-                for key, value in pairs:
-                    write.put(key, value)
-
-        yield put
-    finally:
-        leveldb.close()
 
 
 @dataclass

@@ -67,10 +67,10 @@ def read_clips(video_list):
 # ------------------------------------------------------------------------------------------
 # Frame scoring with a resumable checkpoint
 
-def run_signature(deploy, weights, backend, blobs, preprocessing, frames):
+def run_signature(deploy, weights, backend, blobs, preprocessing, frames, fold):
     """What the frame scores depend on; a checkpoint from another run is not reused."""
     description = [file_identity(deploy), file_identity(weights), backend, list(blobs),
-                   preprocessing.describe(), [str(frame) for frame in frames]]
+                   preprocessing.describe(), [str(frame) for frame in frames], fold]
     return hashlib.sha256(json.dumps(description, default=str).encode()).hexdigest()
 
 
@@ -386,7 +386,7 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     frames = [frame for clip in clips for frame in clip.frames]
     out = Path(out)
     checkpoint = out / CHECKPOINT_NAME
-    signature = run_signature(deploy, weights, backend, blobs, preprocessing, frames)
+    signature = run_signature(deploy, weights, backend, blobs, preprocessing, frames, fold and backend == "pycaffe")
     with cluster or contextlib.nullcontext():  # connected before the bar starts
         scores, readable = score_frames(runner, preprocessing, frames, blobs, batch, checkpoint, signature,
                                         [len(clip.frames) for clip in clips], cluster,
