@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 EMOTIW := $(VENV)/bin/emotiw
 
-.PHONY: install test nets doctor demo bench preprocess clean-venv
+.PHONY: install test nets doctor demo bench preprocess docker-test clean-venv
 
 install:
 	$(PYTHON) tools/caffe_build.py install
@@ -32,6 +32,11 @@ MODE ?= dsn
 preprocess:
 	@test -n "$(VIDEOS)" -a -n "$(OUT)" || { echo "usage: make preprocess VIDEOS=DIR OUT=DIR [MODE=dsn|sse] [ARGS='--workers 4 --lmdb']" >&2; exit 2; }
 	$(EMOTIW) preprocess --videos "$(VIDEOS)" --out "$(OUT)" --mode $(MODE) $(ARGS)
+
+# Builds the CPU image (and its Debian base where it cannot be pulled) and runs doctor, preprocess
+# and test inside it; needs a running Docker daemon. About 20 minutes on 2 cores, so not in `make test`.
+docker-test:
+	sh docker/test.sh
 
 clean-venv:
 	rm -rf $(VENV)
