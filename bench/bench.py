@@ -77,6 +77,7 @@ class Plan:
     rows: tuple = ROWS
     threads: int = os.cpu_count() or 1  # for every library on both sides
     quick: bool = False
+    baseline_caffe: str = None  # another Caffe build's prefix, measured beside ours (before a patch)
 
 
 QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6,
@@ -188,21 +189,58 @@ def sgemm(blas, a, b, c):
                      b.ctypes.data_as(pointer), n, ctypes.c_float(0.0), c.ctypes.data_as(pointer), n)
 
 
-def bench_gemm(plan, results):
+FMA_UNITS = 2  # 512-bit FMA units per core of the Xeons with AVX-512 we run on (Gold and Platinum)
+
+
+def clock_hz(work):
+    """One core's clock, measured 5 times (bench/clock.c, compiled here), or None without a C compiler."""
+    compiler = shutil.which("cc")
+    if compiler is None:
+        return None
+    binary = Path(work) / "clock"
+    subprocess.run([compiler, "-O1", "-o", str(binary), str(REPO / "bench" / "clock.c")], check=True)
+    return [float(line) for line in subprocess.run([str(binary)], check=True, capture_output=True,
+                                                   text=True).stdout.split()]
+
+
+def flops_per_cycle():
+    """fp32 FLOP per cycle per core: FMA_UNITS x vector lanes x 2 (multiply and add)."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    return FMA_UNITS * lanes * 2
+
+
+def gemm_peak(plan, results, work):
+    """The computed fp32 peak of the usable cores: clock x FLOP per cycle x cores, in GFLOP/s."""
+    clocks = clock_hz(work)
+    if clocks is None:
+        results.skipped.append("gemm peak: no C compiler (cc) to measure the clock")
+        return None
+    cores = min(len(os.sched_getaffinity(0)), plan.threads)
+    per_cycle = flops_per_cycle()
+    row = results.add("gemm", "computed peak", f"{statistics.median(clocks) / 1e9:.2f} GHz x {per_cycle} FLOP/cycle "
+                      f"x {cores} cores", [hz * per_cycle * cores / 1e9 for hz in clocks], "GFLOP/s")
+    return row["median"]
+
+
+def bench_gemm(plan, results, work):
     """GFLOP/s of one square SGEMM through libcaffe's OpenBLAS, and of a Caffe InnerProduct
-    forward of the same size (the same sgemm behind a Caffe layer)."""
+    forward of the same size (the same sgemm behind a Caffe layer), against the computed peak."""
     size = plan.gemm_size
     _, blas = caffe_openblas()
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     c = np.empty((size, size), np.float32)
     flops = 2 * size ** 3 / 1e9
-    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "OpenBLAS (ctypes)",
-                          measure(lambda: sgemm(blas, a, b, c), flops, plan), "GFLOP/s")
+    peak = gemm_peak(plan, results, work)
+    rates = measure(lambda: sgemm(blas, a, b, c), flops, plan)
+    fraction = {"fraction_of_peak": statistics.median(rates) / peak} if peak else {}
+    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "OpenBLAS (ctypes)", rates, "GFLOP/s", **fraction)
     net = inner_product_net(size)
     net.blobs["data"].data[...] = a
-    results.add("gemm", f"InnerProduct {size}->{size}, batch {size}", "pycaffe",
-                measure(net.forward, flops, plan), "GFLOP/s")
+    rates = measure(net.forward, flops, plan)
+    fraction = {"fraction_of_peak": statistics.median(rates) / peak} if peak else {}
+    results.add("gemm", f"InnerProduct {size}->{size}, batch {size}", "pycaffe", rates, "GFLOP/s", **fraction)
     return ceiling["median"]
 
 
@@ -415,9 +453,32 @@ def write_deploy(name, work):
     return net_param, deploy, weights
 
 
-def runtime_forward(backend, deploy, weights, batch, size):
+PYCAFFE_DIR = "lib/python3/dist-packages"  # below a build's prefix (tools/caffe_build.py)
+
+
+def baseline_name(plan):
+    return f"BVLC convolution ({Path(plan.baseline_caffe).name})"
+
+
+def baseline_rates(plan, deploy, weights, batch, size):
+    """pycaffe images/s of the baseline build (bench/baseline.py in a process of its own)."""
+    prefix = Path(plan.baseline_caffe)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(prefix / PYCAFFE_DIR), str(REPO)]))
+    job = {"deploy": str(deploy), "weights": str(weights), "batch": batch, "size": size, "fold": True,
+           "repeats": plan.repeats, "warmup": plan.warmup}
+    done = subprocess.run([sys.executable, "-m", "bench.baseline", json.dumps(job)], env=env, cwd=REPO,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"the baseline Caffe at {prefix} failed: {done.stderr.strip().splitlines()[-1:]}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(answer["caffe"]).resolve().is_relative_to(prefix.resolve()):
+        raise UserError(f"--baseline-caffe {prefix}: the baseline ran {answer['caffe']} instead")
+    return answer["rates"]
+
+
+def runtime_forward(backend, deploy, weights, batch, size, fold=True):
     """One forward of the net through emotiw's inference runtime, as `emotiw test` runs it."""
-    net, _ = load_net(deploy, weights, backend)
+    net, _ = load_net(deploy, weights, backend, fold=fold)
     images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     return lambda: net.forward(images, ["prob"])
 
@@ -432,11 +493,20 @@ def bench_inference(plan, results, reference, work, ceiling):
             label = f"{name} {size}px, batch {batch}"
             extra = {"gflop_per_image": flops / 1e9}
             rows = {}
-            for impl, backend in (("pycaffe", "pycaffe"), ("OpenCV DNN", "opencv")):
-                rates = measure(runtime_forward(backend, deploy, weights, batch, size), batch, plan)
+            # BatchNorm and Scale folded into the convolutions (the default) and, before that change, not
+            runners = [("pycaffe", "pycaffe", True), ("OpenCV DNN", "opencv", True)]
+            if any(layer.type == "BatchNorm" for layer in net_param.layer):
+                runners.insert(1, ("pycaffe, BatchNorm not folded", "pycaffe", False))
+            for impl, backend, fold in runners:
+                rates = measure(runtime_forward(backend, deploy, weights, batch, size, fold), batch, plan)
                 fraction = statistics.median(rates) * flops / 1e9 / ceiling if ceiling else None
-                rows[impl] = results.add("inference", label, impl, rates, "images/s", **extra,
-                                         fraction_of_gemm_ceiling=fraction)
+                row = results.add("inference", label, impl, rates, "images/s", **extra,
+                                  fraction_of_gemm_ceiling=fraction)
+                if fold:  # the ratios compare what emotiw runs
+                    rows[impl] = row
+            if plan.baseline_caffe:
+                results.add("inference", label, f"pycaffe, {baseline_name(plan)}",
+                            baseline_rates(plan, deploy, weights, batch, size), "images/s", **extra)
             references = [("PyTorch, same net", {"net": str(deploy.with_suffix(".json"))})]
             if backbone:
                 references.append((f"PyTorch torchvision {backbone}", {"torchvision": backbone, "classes": 7}))
@@ -480,12 +550,13 @@ SOLVER = {"base_lr": 0.001, "momentum": 0.9, "weight_decay": 0.0002}
 ITERATION_LINE = re.compile(r"^I\d+ (\d\d):(\d\d):(\d\d\.\d+) .*Iteration (\d+) \(.*\), loss = ")
 
 
-def caffe_train_rates(solver_path, batch, plan):
+def caffe_train_rates(solver_path, batch, plan, binary=None):
     """images/s of each `caffe train` iteration, from glog's timestamps of the per-iteration
-    display lines (display: 1), the first `warmup` iterations left out."""
+    display lines (display: 1), the first `warmup` iterations left out; `binary`: another build's
+    caffe (default ours)."""
 
     env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
-    done = subprocess.run([caffe_tool("caffe"), "train", "--solver", str(solver_path)], env=env,
+    done = subprocess.run([binary or caffe_tool("caffe"), "train", "--solver", str(solver_path)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise UserError(f"caffe train failed in the bench: {done.stderr.strip().splitlines()[-1:]}")
@@ -511,6 +582,10 @@ def bench_training(plan, results, reference, work):
                       "solver_mode: CPU\nrandom_seed: 0\n")
     label = f"{TRAIN_NET} {size}px, batch {batch}"
     ours = results.add("training", label, "caffe train", caffe_train_rates(solver, batch, plan), "images/s")
+    if plan.baseline_caffe:
+        binary = str(Path(plan.baseline_caffe) / "bin" / "caffe")
+        results.add("training", label, f"caffe train, {baseline_name(plan)}",
+                    caffe_train_rates(solver, batch, plan, binary), "images/s")
     ref = reference.run("train", label=label, net=str(folder / "train.json"), batch=batch, size=size,
                         solver=SOLVER, repeats=plan.repeats, warmup=plan.warmup)
     if ref:
@@ -631,6 +706,8 @@ def markdown(report):
         notes = []
         if row.get("gflop_per_image") is not None:
             notes.append(f"{row['gflop_per_image']:.2f} GFLOP/image")
+        if row.get("fraction_of_peak") is not None:
+            notes.append(f"{100 * row['fraction_of_peak']:.0f}% of the computed peak")
         if row.get("fraction_of_gemm_ceiling") is not None:
             notes.append(f"{100 * row['fraction_of_gemm_ceiling']:.0f}% of GEMM ceiling")
         if row.get("coverage") is not None:
@@ -655,7 +732,7 @@ def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
         print(f"emotiw bench: {machine['cpu']}, {machine['cores']} cores; reference environment "
               f"{'found' if reference.available else 'absent'}", file=sys.stderr)
         reference_env = reference.run("describe") if reference.available else None
-        ceiling = bench_gemm(plan, results) if "gemm" in plan.rows else None
+        ceiling = bench_gemm(plan, results, work) if "gemm" in plan.rows else None
         if "detect" in plan.rows:
             bench_detect(plan, results, reference, work)
         if "preprocess" in plan.rows:
@@ -696,6 +773,9 @@ def register(subparsers):
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (at least 5)")
     parser.add_argument("--reference-python", default=str(REFERENCE_PYTHON),
                         help="Python of the bench environment (default: bench/.venv-ref/bin/python)")
+    parser.add_argument("--baseline-caffe", metavar="PREFIX",
+                        help="another Caffe build (a ~/.cache/emotiw/caffe-<key> folder, e.g. without our "
+                             "convolution patch), measured beside ours in the inference and training rows")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for BLAS, OpenCV, PyTorch and TensorFlow (default: all cores)")
     parser.set_defaults(func=run)
@@ -724,6 +804,11 @@ def plan_from(args):
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     plan.threads = args.threads
+    if args.baseline_caffe:
+        if not (Path(args.baseline_caffe) / "emotiw-build.json").is_file():
+            raise UserError(f"--baseline-caffe {args.baseline_caffe}: not a Caffe build of tools/caffe_build.py "
+                            "(no emotiw-build.json); give a ~/.cache/emotiw/caffe-<key> folder")
+        plan.baseline_caffe = str(Path(args.baseline_caffe).resolve())
     return plan
 
 

@@ -111,3 +111,16 @@ def test_footage_coverage_counts_the_reference_face_frames(tmp_path):
     faces = [[[0, 0, 10, 10]], [[30, 30, 40, 40], [0, 0, 10, 11]], [[0, 0, 10, 10]], []]
     coverage, close = bench.footage_coverage(manifest, faces)
     assert (coverage, close) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+
+
+def test_gemm_is_set_against_the_peak_computed_from_the_measured_clock(quick_report):
+    _, report = quick_report
+    rows = {row["name"]: row for row in report["rows"] if row["section"] == "gemm"}
+    peak = rows.pop("computed peak")
+    clock = float(peak["impl"].split(" GHz")[0])
+    assert 0.5 < clock < 7  # a real clock, not the 3-adds-a-cycle figure of adds of a constant
+    assert peak["median"] == pytest.approx(clock * 1e9 * 64 * report["machine"]["blas_threads"] / 1e9, rel=0.01) \
+        or "x 32 FLOP/cycle" in peak["impl"]
+    for row in rows.values():
+        assert row["fraction_of_peak"] == pytest.approx(row["median"] / peak["median"])
+        assert 0 < row["fraction_of_peak"] < 1.1
