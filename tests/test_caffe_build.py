@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,19 +73,129 @@ def test_gpu_build_is_explicit_or_needs_a_driver(monkeypatch):
     monkeypatch.setenv("CAFFE_GPU", "0")
     assert not caffe_build.use_gpu()
     info = {"include": "/inc", "libdir": "/lib", "ldlibrary": "libpython3.so"}
-    gpu_flags = caffe_build.cmake_flags(info, gpu=True)
-    assert "-DCPU_ONLY=OFF" in gpu_flags
+    cuda = ["-DCUDA_TOOLKIT_ROOT_DIR=/opt/cuda-13", "-DCUDA_cublas_LIBRARY=/w/libcublas.so.13"]
+    gpu_flags = caffe_build.cmake_flags(info, gpu=True, cuda=cuda)
+    assert "-DCPU_ONLY=OFF" in gpu_flags and "-DUSE_NCCL=ON" in gpu_flags  # multi-GPU `caffe train --gpu`
+    assert set(cuda) <= set(gpu_flags)
     assert any("CUDA_ARCH_BIN" in f and "80" in f and "90" in f for f in gpu_flags)
-    assert "-DCPU_ONLY=ON" in caffe_build.cmake_flags(info, gpu=False)
+    cpu_flags = caffe_build.cmake_flags(info, gpu=False)
+    assert "-DCPU_ONLY=ON" in cpu_flags and "-DUSE_NCCL=OFF" in cpu_flags
+    assert not any("CUDA" in flag for flag in cpu_flags)
 
 
-def test_cuda_toolkit_root_goes_to_gpu_builds_only(monkeypatch):
+def test_gpu_builds_take_the_same_make_install():
+    assert "\t$(PYTHON) tools/caffe_build.py install\n" in (REPO / "Makefile").read_text()
+    # the CUDA build of this cache (if one was made) has NCCL and the flags above
+    for build in caffe_build.cache_root().glob("caffe-*/emotiw-build.json"):
+        info = json.loads(build.read_text())
+        if info["gpu"]:
+            assert {"-DCPU_ONLY=OFF", "-DUSE_NCCL=ON", "-DUSE_CUDNN=OFF"} <= set(info["cmake_flags"])
+            assert (build.parent / "lib" / "libcaffe.so").exists()
+
+
+def fake_toolkit(root, release):
+    """A CUDA toolkit folder with an nvcc that reports `release` and no libraries."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def test_cuda_toolkit_root_is_the_one_given(tmp_path, monkeypatch):
+    toolkit = fake_toolkit(tmp_path / "cuda-13", "13.0")
+    monkeypatch.setenv("CUDA_TOOLKIT_ROOT_DIR", str(toolkit))
+    assert caffe_build.cuda_toolkit_root() == toolkit
+    monkeypatch.setenv("CUDA_TOOLKIT_ROOT_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(InstallError, match="no bin/nvcc"):
+        caffe_build.cuda_flags()
+
+
+def test_missing_cuda_libraries_of_another_cuda_say_what_to_install(tmp_path):
+    toolkit = fake_toolkit(tmp_path / "cuda-12", "12.4")
+    with pytest.raises(InstallError) as error:
+        caffe_build.cuda_library_flags(toolkit)
+    message = str(error.value)
+    assert "\n" not in message and "CUDA 12" in message and "cublas, curand" in message
+    assert "nvidia-*-cu12" in message
+
+
+@pytest.mark.slow  # the first run downloads about 700 MB of wheels
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_cuda_libraries_come_from_the_pinned_wheels_where_the_toolkit_lacks_them():
+    toolkit = caffe_build.cuda_toolkit_root()
+    if (toolkit / "include" / "cublas_v2.h").exists() and Path("/usr/include/nccl.h").exists():
+        pytest.skip(f"the toolkit {toolkit} has its own cuBLAS and the system NCCL")
+    flags = dict(flag[2:].split("=", 1) for flag in caffe_build.cuda_library_flags(toolkit))
+    for name in ("CUDA_cublas_LIBRARY", "CUDA_curand_LIBRARY", "NCCL_LIBRARIES"):
+        if name in flags:
+            library = Path(flags[name])
+            assert library.is_file() and library.is_relative_to(caffe_build.cache_root())
+    if "NCCL_INCLUDE_DIR" in flags:
+        assert (Path(flags["NCCL_INCLUDE_DIR"]) / "nccl.h").is_file()
+    if "CUDA_TOOLKIT_INCLUDE" in flags:
+        includes = [Path(p) for p in flags["CUDA_TOOLKIT_INCLUDE"].split(";")]
+        assert includes[0] == toolkit / "include"
+        assert any((p / "cublas_v2.h").is_file() for p in includes) or "CUDA_cublas_LIBRARY" not in flags
+
+
+def test_mkl_builds_link_mkl_rt_from_the_pinned_wheels(monkeypatch):
     info = {"include": "/inc", "libdir": "/lib", "ldlibrary": "libpython3.so"}
-    monkeypatch.setenv("CUDA_TOOLKIT_ROOT_DIR", "/opt/cuda-13")
-    assert "-DCUDA_TOOLKIT_ROOT_DIR=/opt/cuda-13" in caffe_build.cmake_flags(info, gpu=True)
-    assert not any("CUDA_TOOLKIT_ROOT_DIR" in flag for flag in caffe_build.cmake_flags(info, gpu=False))
-    monkeypatch.delenv("CUDA_TOOLKIT_ROOT_DIR")
-    assert not any("CUDA_TOOLKIT_ROOT_DIR" in flag for flag in caffe_build.cmake_flags(info, gpu=True))
+    flags = caffe_build.cmake_flags(info, gpu=False, mkl_root=Path("/c/mkl"))
+    assert "-DBLAS=MKL" in flags and "-DBLAS=Open" not in flags
+    assert f"-DMKL_RT_LIBRARY=/c/mkl/lib/{caffe_build.MKL_RT}" in flags
+    assert "-DBLAS=Open" in caffe_build.cmake_flags(info, gpu=False)
+    assert all("==" in wheel for wheel in caffe_build.MKL_WHEELS)  # pinned
+    monkeypatch.setenv("CAFFE_BLAS", "atlas")
+    with pytest.raises(InstallError, match="CAFFE_BLAS=atlas: choose open"):
+        caffe_build.blas_choice()
+    monkeypatch.setenv("CAFFE_BLAS", "open")
+    assert caffe_build.blas_choice() == "open"
+
+
+def test_openblas_is_the_default_and_mkl_the_option(monkeypatch):
+    monkeypatch.delenv("CAFFE_BLAS", raising=False)
+    assert caffe_build.blas_choice() == "open"
+    monkeypatch.setenv("CAFFE_BLAS", "MKL")
+    assert caffe_build.blas_choice() == "mkl"
+
+
+def test_caffe_unit_tests_of_the_patched_layers_pass():
+    """Caffe's own gtest suites (convolution and im2col, with their gradient checks) against the
+    linked build: compiled once per build (about a minute), then only run (about 10 s)."""
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "caffe_build.py"), "unit-tests"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[  PASSED  ]" in result.stdout and "FAILED" not in result.stdout
+    for suite in ("ConvolutionLayerTest/0.TestGradient", "ConvolutionLayerTest/1.TestNDAgainst2D",
+                  "Im2colLayerTest/0.TestDilatedGradient"):
+        assert f"[       OK ] {suite} " in result.stdout
+    if "0004-batched-cpu-convolution.patch" in caffe_build.linked_prefix().joinpath("emotiw-build.json").read_text():
+        assert "[       OK ] ConvolutionLayerTest/1.TestChunksMatchSingleImages" in result.stdout
+
+
+def test_unit_tests_refuse_a_build_that_is_not_from_these_patches(tmp_path):
+    fake = tmp_path / "caffe-0000000000000000"
+    fake.mkdir()
+    (fake / "emotiw-build.json").write_text(json.dumps({"cmake_flags": ["-DCPU_ONLY=ON"], "gpu": False}))
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "caffe_build.py"), "unit-tests", "--prefix",
+                             str(fake)], capture_output=True, text=True)
+    assert result.returncode == 1 and "was not built from the sources and caffe_patches/ here now" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_names_the_blas_the_build_was_configured_with():
+    build = json.loads((Path(sys.prefix) / "emotiw-caffe" / "emotiw-build.json").read_text())
+    result = subprocess.run([str(Path(sys.prefix) / "bin" / "emotiw"), "doctor"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    blas = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["blas"])
+    if "-DBLAS=MKL" in build["cmake_flags"]:
+        assert f"Intel MKL {caffe_build.MKL_VERSION} {caffe_build.MKL_RT}" in blas
+        kernels = next(line for line in result.stdout.splitlines() if line.startswith("blas kernels"))
+        assert "Intel(R)" in kernels
+    else:
+        assert "OpenBLAS libopenblas" in blas
 
 
 def test_installed_caffe_is_linked_into_the_venv():

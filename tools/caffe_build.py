@@ -6,6 +6,13 @@ Runs with the system Python before the venv exists, so it uses the standard libr
 Steps: system packages -> venv with the runtime dependencies -> Caffe source (private apt
 configuration or CAFFE_SRC) -> sha256 check -> Debian's patch series, then ours -> CMake build in a
 temporary directory renamed into the cache when complete -> pycaffe and the tools linked into the venv.
+
+Settings (environment): CAFFE_BLAS=open|mkl (OpenBLAS from Debian, the default; or Intel MKL from
+its pinned PyPI wheels, faster on Intel CPUs), CAFFE_GPU=1|0 (a CUDA build with NCCL; default: only where nvcc and a GPU driver
+are present; cuBLAS, cuRAND and NCCL come from pinned PyPI wheels where the toolkit lacks them),
+CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. Commands: `install` (build or reuse, then link into the venv),
+`build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
+the layers our patches change, built once per build and run against it).
 """
 
 import argparse
@@ -49,8 +56,26 @@ PATCH_DIR = REPO / "caffe_patches"
 VENV = Path(os.environ.get("EMOTIW_VENV", REPO / ".venv"))
 # Debian's cmake-fix-python-module-installdir patch installs pycaffe here, below the prefix.
 PYCAFFE_DIR = "lib/python3/dist-packages"
-CUDA_ARCH_BIN = "80 86 89 90"
+# SASS for sm_80 (it also runs on sm_86 and sm_89) and sm_90 (H100/H200), PTX for newer GPUs: two
+# real architectures instead of four halve the nvcc time.
+CUDA_ARCH_BIN = "80 90"
 CUDA_ARCH_PTX = "90"
+# Intel MKL from PyPI, every wheel pinned (mkl-devel's and intel-openmp's dependencies included),
+# installed with --no-deps into its own cache folder.
+MKL_VERSION = "2026.2.0"
+MKL_WHEELS = [f"mkl=={MKL_VERSION}", f"mkl-include=={MKL_VERSION}", f"mkl-devel=={MKL_VERSION}",
+              f"intel-openmp=={MKL_VERSION}", f"intel-cmplr-lib-ur=={MKL_VERSION}", "tbb==2023.2.0",
+              "tbb-devel==2023.2.0", "tcmlib==1.6.0", "umf==1.2.0"]
+MKL_RT = "libmkl_rt.so.3"
+# The CUDA 13 libraries the toolkit may lack: PyPI wheel, header, library (inside the wheel's tree).
+CUDA_WHEELS = {
+    "cublas": ("nvidia-cublas==13.1.1.3", "nvidia/cu13/include/cublas_v2.h", "nvidia/cu13/lib/libcublas.so.13"),
+    "curand": ("nvidia-curand==10.4.0.35", "nvidia/cu13/include/curand.h", "nvidia/cu13/lib/libcurand.so.10"),
+    "nccl": ("nvidia-nccl-cu13==2.30.7", "nvidia/nccl/include/nccl.h", "nvidia/nccl/lib/libnccl.so.2"),
+}
+CUDA_WHEELS_MAJOR = 13
+# Caffe's gtest suites for the layers and helpers caffe_patches/ changes (0004: convolution, im2col).
+UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp"]
 
 
 class InstallError(Exception):
@@ -227,22 +252,153 @@ def use_gpu():
     return shutil.which("nvcc") is not None and Path("/dev/nvidiactl").exists()
 
 
-def cmake_flags(info, gpu):
+def blas_choice():
+    """CAFFE_BLAS, else OpenBLAS. On the Intel Xeon here MKL ran Caffe 10-16 % faster at batch 32
+    and 17-72 % at batch 1 than OpenBLAS with its AVX-512 kernels (caffe_patches/README.md), but the
+    runtime's thread control (preprocess workers, the bench) and its tests still speak OpenBLAS
+    only, so MKL is the option, not yet the default."""
+    choice = os.environ.get("CAFFE_BLAS", "open").lower()
+    if choice not in ("open", "mkl"):
+        raise InstallError(f"CAFFE_BLAS={choice}: choose open (OpenBLAS, the default) or mkl (Intel MKL)")
+    return choice
+
+
+def ensure_wheels(name, wheels, layout):
+    """The pinned wheels pip-installed (--no-deps) into cache_root()/name, once: layout "prefix" puts a
+    wheel's data files under lib/ and include/, "target" keeps its package tree. Installed into a
+    temporary sibling and renamed into place when complete."""
+    dest = cache_root() / name
+    marker = dest / "emotiw-wheels.json"
+    if marker.exists() and json.loads(marker.read_text()) == wheels:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=dest.parent))
+    try:
+        log(f"installing {' '.join(wheels)} into {dest}")
+        run([str(venv_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+             "--no-warn-script-location", "--no-compile", f"--{layout}", str(work), *wheels])
+        (work / "emotiw-wheels.json").write_text(json.dumps(wheels))
+        shutil.rmtree(dest, ignore_errors=True)  # an install of other pins
+        work.rename(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def ensure_mkl():
+    """MKL's root (include/mkl.h, lib/libmkl_rt.so.3) from the pinned wheels."""
+    root = ensure_wheels(f"mkl-{MKL_VERSION}", MKL_WHEELS, "prefix")
+    for needed in (root / "include" / "mkl.h", root / "lib" / MKL_RT):
+        if not needed.exists():
+            raise InstallError(f"the mkl wheels installed no {needed.relative_to(root)}; delete {root} and run "
+                               "make install again")
+    return root
+
+
+def cuda_toolkit_root():
+    """CUDA_TOOLKIT_ROOT_DIR, else the toolkit of the nvcc on PATH (which may be a wrapper script)."""
+    if os.environ.get("CUDA_TOOLKIT_ROOT_DIR"):
+        return Path(os.environ["CUDA_TOOLKIT_ROOT_DIR"])
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise InstallError("CAFFE_GPU=1 but nvcc is not on PATH; install the CUDA toolkit or set "
+                           "CUDA_TOOLKIT_ROOT_DIR")
+    # nvcc's dry run names the folder of the real nvcc binary
+    out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    here = next((line.split("=", 1)[1].strip() for line in out.splitlines() if line.startswith("#$ _HERE_=")),
+                None)
+    return Path(here).resolve().parent if here else Path(os.path.realpath(nvcc)).parent.parent
+
+
+def cuda_major(toolkit):
+    out = subprocess.run([str(toolkit / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
+    release = next((line for line in out.splitlines() if "release" in line), "")
+    return int(release.split("release", 1)[1].split(".")[0]) if release else None
+
+
+def system_library(name):
+    """The path of lib<name>.so that the linker would find (ldconfig's cache), or None."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    return next((line.rsplit("=> ", 1)[1] for line in out.splitlines()
+                 if line.strip().startswith(f"lib{name}.so ")), None)
+
+
+def cuda_flags():
+    """The CUDA build's toolkit and library flags: the toolkit root (also part of the cache key, so a
+    build against another toolkit is not reused) and cuda_library_flags'."""
+    toolkit = cuda_toolkit_root()
+    if not (toolkit / "bin" / "nvcc").exists():
+        raise InstallError(f"no bin/nvcc in the CUDA toolkit {toolkit}; set CUDA_TOOLKIT_ROOT_DIR to the toolkit")
+    # FindCUDA drops the cached library and include paths (ours too) whenever the toolkit root differs
+    # from the one it saw last, which on a first configure is none; naming the same root as the one
+    # seen keeps them.
+    return [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}", f"-DCUDA_TOOLKIT_ROOT_DIR_INTERNAL={toolkit}",
+            *cuda_library_flags(toolkit)]
+
+
+def cuda_library_flags(toolkit):
+    """CMake flags for cuBLAS, cuRAND and NCCL: nothing for those the toolkit (cuBLAS, cuRAND) or the
+    system (NCCL) has; the pinned CUDA 13 wheels' headers and libraries for the others."""
+    present = {
+        "cublas": (toolkit / "include" / "cublas_v2.h").exists() and any(
+            (toolkit / lib / "libcublas.so").exists() for lib in ("lib64", "lib")),
+        "curand": (toolkit / "include" / "curand.h").exists() and any(
+            (toolkit / lib / "libcurand.so").exists() for lib in ("lib64", "lib")),
+        "nccl": Path("/usr/include/nccl.h").exists() and system_library("nccl") is not None,
+    }
+    missing = [name for name, found in present.items() if not found]
+    if not missing:
+        return []
+    major = cuda_major(toolkit)
+    if major != CUDA_WHEELS_MAJOR:
+        raise InstallError(f"the CUDA {major} toolkit at {toolkit} lacks {', '.join(missing)}; install them "
+                           f"for CUDA {major} (NVIDIA's libcublas-dev, libcurand-dev and libnccl-dev packages, or "
+                           f"the nvidia-*-cu{major} wheels) or set CUDA_TOOLKIT_ROOT_DIR to a toolkit that has them")
+    pins = [CUDA_WHEELS[name][0] for name in missing]
+    root = ensure_wheels("cuda-wheels-" + hashlib.sha256(" ".join(pins).encode()).hexdigest()[:12], pins, "target")
+    for name in missing:
+        for needed in CUDA_WHEELS[name][1:]:
+            if not (root / needed).exists():
+                raise InstallError(f"the {CUDA_WHEELS[name][0]} wheel installed no {needed}; delete {root} and "
+                                   "run make install again")
+    # Full paths to the versioned libraries: CMake links them as given, and they land in the rpath.
+    flags, includes = [], []
+    if "cublas" in missing:
+        flags.append(f"-DCUDA_cublas_LIBRARY={root / CUDA_WHEELS['cublas'][2]}")
+        includes.append(str((root / CUDA_WHEELS["cublas"][1]).parent))
+    if "curand" in missing:
+        flags.append(f"-DCUDA_curand_LIBRARY={root / CUDA_WHEELS['curand'][2]}")
+        includes.append(str((root / CUDA_WHEELS["curand"][1]).parent))
+    if includes:
+        # FindCUDA's include list becomes CUDA_INCLUDE_DIRS, which Caffe passes to nvcc, to the host
+        # compiler and to the users of the installed caffe target.
+        flags.append("-DCUDA_TOOLKIT_INCLUDE=" + ";".join(dict.fromkeys([str(toolkit / "include"), *includes])))
+    if "nccl" in missing:
+        flags += [f"-DNCCL_INCLUDE_DIR={(root / CUDA_WHEELS['nccl'][1]).parent}",
+                  f"-DNCCL_LIBRARIES={root / CUDA_WHEELS['nccl'][2]}"]
+    return flags
+
+
+def cmake_flags(info, gpu, mkl_root=None, cuda=()):
+    """The CMake flags of a build: CPU only or CUDA with NCCL (cuda: cuda_flags()'s toolkit and
+    library flags), OpenBLAS or, with mkl_root, MKL."""
+    if mkl_root is None:
+        blas = ["-DBLAS=Open"]
+    else:
+        blas = ["-DBLAS=MKL", f"-DMKL_ROOT={mkl_root}", f"-DMKL_INCLUDE_DIR={mkl_root / 'include'}",
+                f"-DMKL_RT_LIBRARY={mkl_root / 'lib' / MKL_RT}"]
     flags = [
         "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DBUILD_docs=OFF",
         "-DBUILD_matlab=OFF", "-DBUILD_python=ON", "-DBUILD_python_layer=ON", "-Dpython_version=3",
-        "-DBLAS=Open", "-DUSE_LEVELDB=ON", "-DUSE_LMDB=ON", "-DUSE_OPENCV=ON", "-DUSE_HDF5=ON",
-        "-DUSE_CUDNN=OFF", "-DUSE_NCCL=OFF", "-DALLOW_LMDB_NOLOCK=OFF",
+        *blas, "-DUSE_LEVELDB=ON", "-DUSE_LMDB=ON", "-DUSE_OPENCV=ON", "-DUSE_HDF5=ON",
+        "-DUSE_CUDNN=OFF", f"-DUSE_NCCL={'ON' if gpu else 'OFF'}", "-DALLOW_LMDB_NOLOCK=OFF",
         f"-DPYTHON_INCLUDE_DIR={info['include']}",
         f"-DPYTHON_LIBRARY={Path(info['libdir']) / info['ldlibrary']}",
     ]
     if gpu:
         flags += ["-DCPU_ONLY=OFF", "-DCUDA_ARCH_NAME=Manual",
-                  f"-DCUDA_ARCH_BIN={CUDA_ARCH_BIN}", f"-DCUDA_ARCH_PTX={CUDA_ARCH_PTX}"]
-        # Without it FindCUDA takes the toolkit of the first nvcc on PATH; as a flag it is also
-        # part of the cache key, so a build against another toolkit is not reused.
-        if os.environ.get("CUDA_TOOLKIT_ROOT_DIR"):
-            flags.append(f"-DCUDA_TOOLKIT_ROOT_DIR={os.environ['CUDA_TOOLKIT_ROOT_DIR']}")
+                  f"-DCUDA_ARCH_BIN={CUDA_ARCH_BIN}", f"-DCUDA_ARCH_PTX={CUDA_ARCH_PTX}", *cuda]
     else:
         flags += ["-DCPU_ONLY=ON"]
     return flags
@@ -280,6 +436,19 @@ def extract_all(archive, dest):
         archive.extractall(dest)
 
 
+def patched_source(orig, debian, src):
+    """The Caffe source tree in src with Debian's patch series, then ours; returns the patches."""
+    src.mkdir()
+    for tarball in (orig, debian):
+        with tarfile.open(tarball) as archive:
+            extract_all(archive, src)
+    patches = [src / "debian" / "patches" / name
+               for name in (src / "debian" / "patches" / "series").read_text().split()] + our_patches()
+    for patch in patches:
+        apply_patch(src, patch)
+    return patches
+
+
 def build_caffe(orig, debian, info, flags, dest):
     """Build into a temporary sibling of dest and rename it into place only when complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -289,14 +458,7 @@ def build_caffe(orig, debian, info, flags, dest):
         # the staged tree is renamed into place only when complete.
         src, build, stage = work / "src", work / "build", work / "stage"
         prefix = stage / dest.relative_to(dest.anchor)
-        src.mkdir()
-        for tarball in (orig, debian):
-            with tarfile.open(tarball) as archive:
-                extract_all(archive, src)
-        patches = [src / "debian" / "patches" / name
-                   for name in (src / "debian" / "patches" / "series").read_text().split()]
-        for patch in patches + our_patches():
-            apply_patch(src, patch)
+        patches = patched_source(orig, debian, src)
         build.mkdir()
         jobs = str(os.cpu_count() or 2)
         build_log = dest.parent / f"{dest.name}.log"
@@ -311,7 +473,7 @@ def build_caffe(orig, debian, info, flags, dest):
                                        f"{tail}")
         (prefix / "emotiw-build.json").write_text(json.dumps({
             "caffe_version": CAFFE_VERSION, "upstream_commit": CAFFE_UPSTREAM_COMMIT,
-            "patches": [p.name for p in patches + our_patches()], "cmake_flags": flags,
+            "patches": [p.name for p in patches], "cmake_flags": flags,
             "python": info["python"], "numpy": info["numpy"],
             "gpu": "-DCPU_ONLY=OFF" in flags}, indent=1))
         # Only the installed tree is kept: sources and objects are large and not needed at run time.
@@ -335,20 +497,29 @@ def link_into_venv(prefix, info):
     (VENV / "emotiw-caffe").symlink_to(prefix)
 
 
-def install():
+def configured_build():
+    """The Caffe build for this machine and the CAFFE_* settings, built into the cache unless it is
+    there already; returns (prefix, venv info)."""
     ensure_apt_packages()
     ensure_venv()
     info = venv_info()
-    flags = cmake_flags(info, use_gpu())
+    gpu = use_gpu()
+    mkl_root = ensure_mkl() if blas_choice() == "mkl" else None
+    flags = cmake_flags(info, gpu, mkl_root, cuda_flags() if gpu else ())
     orig, debian = source_tarballs()
     key = build_key(orig, debian, info, flags)
     prefix = cache_root() / f"caffe-{key}"
     if (prefix / "emotiw-build.json").exists():
         log(f"reusing the cached Caffe build {prefix}")
     else:
-        log(f"building Caffe {CAFFE_VERSION} ({'CUDA' if '-DCPU_ONLY=OFF' in flags else 'CPU only'}) "
-            f"into {prefix}")
+        log(f"building Caffe {CAFFE_VERSION} ({'CUDA' if gpu else 'CPU only'}, "
+            f"{'MKL' if mkl_root else 'OpenBLAS'}) into {prefix}")
         build_caffe(orig, debian, info, flags, prefix)
+    return prefix, info
+
+
+def install():
+    prefix, info = configured_build()
     link_into_venv(prefix, info)
     log("converting the MTCNN weights to caffemodels (models/mtcnn/)")
     run([str(venv_python()), "-c", "from emotiw.face.mtcnn_nets import ensure_models; ensure_models()"])
@@ -357,13 +528,94 @@ def install():
     log("done: .venv/bin/emotiw doctor checks the installation")
 
 
+# ---------------------------------------------------------------- Caffe's own unit tests
+
+UNIT_TESTS_CMAKE = """cmake_minimum_required(VERSION 3.5)
+project(caffe_unit_tests CXX)
+find_package(Boost REQUIRED COMPONENTS system thread filesystem python)  # the caffe target's link interface
+find_package(Caffe REQUIRED)
+find_package(Threads REQUIRED)
+add_executable(caffe-unit-tests {sources})
+target_include_directories(caffe-unit-tests PRIVATE src)
+target_compile_definitions(caffe-unit-tests PRIVATE GTEST_USE_OWN_TR1_TUPLE)
+target_link_libraries(caffe-unit-tests caffe Threads::Threads)
+"""
+
+
+def linked_prefix():
+    linked = VENV / "emotiw-caffe"
+    if not (linked / "emotiw-build.json").exists():
+        raise InstallError(f"no Caffe build is linked into {VENV}; run make install")
+    return linked.resolve()
+
+
+def unit_tests_binary(prefix):
+    """Caffe's gtest suites UNIT_TEST_SOURCES (from the same patched source) compiled against the
+    build at prefix, once: kept beside it as <prefix>.unit-tests/caffe-unit-tests."""
+    build = json.loads((prefix / "emotiw-build.json").read_text())
+    orig, debian = source_tarballs()
+    if prefix.name != f"caffe-{build_key(orig, debian, venv_info(), build['cmake_flags'])}":
+        raise InstallError(f"{prefix} was not built from the sources and caffe_patches/ here now; run "
+                           "make install (or build) first")
+    dest = prefix.parent / f"{prefix.name}.unit-tests"
+    binary = dest / "caffe-unit-tests"
+    if binary.exists():
+        return binary
+    work = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        src, build_dir, out = work / "src", work / "build", work / "out"
+        patched_source(orig, debian, src)
+        sources = ["src/gtest/gtest-all.cpp", "src/caffe/test/test_caffe_main.cpp",
+                   *(f"src/caffe/test/{name}" for name in UNIT_TEST_SOURCES)]
+        (src / "CMakeLists.txt").write_text(UNIT_TESTS_CMAKE.format(sources=" ".join(sources)))
+        build_dir.mkdir()
+        build_log = dest.parent / f"{dest.name}.log"
+        log(f"compiling Caffe's {', '.join(UNIT_TEST_SOURCES)} against {prefix} (about a minute); "
+            f"log: {build_log}")
+        with open(build_log, "w") as log_file:
+            for step in (["cmake", str(src), "-DCMAKE_BUILD_TYPE=Release", f"-DCaffe_DIR={prefix / 'share' / 'Caffe'}"],
+                         ["make", f"-j{os.cpu_count() or 2}", "caffe-unit-tests"]):
+                if subprocess.run(step, cwd=build_dir, stdout=log_file, stderr=subprocess.STDOUT).returncode:
+                    tail = "".join(build_log.read_text(errors="replace").splitlines(True)[-15:])
+                    raise InstallError(f"{step[0]} failed while building Caffe's unit tests; last lines of "
+                                       f"{build_log}:\n{tail}")
+        out.mkdir()
+        (build_dir / "caffe-unit-tests").rename(out / "caffe-unit-tests")
+        out.rename(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return binary
+
+
+def unit_tests(prefix):
+    """Runs the unit tests of the build at prefix (CPU builds: the CPU cases, as Caffe's runtest
+    does); returns gtest's exit status."""
+    binary = unit_tests_binary(prefix)
+    gpu = json.loads((prefix / "emotiw-build.json").read_text())["gpu"]
+    command = [str(binary)] + ([] if gpu else ["--gtest_filter=-*GPU*"])
+    log(f"running {' '.join(command)}")
+    env = dict(os.environ, GLOG_minloglevel=os.environ.get("GLOG_minloglevel", "2"))
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(command, cwd=cwd, env=env).returncode
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 tools/caffe_build.py", description=__doc__)
-    parser.add_argument("command", choices=["install", "apt-packages"])
+    parser = argparse.ArgumentParser(prog="python3 tools/caffe_build.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["install", "build", "unit-tests", "apt-packages"])
+    parser.add_argument("--prefix", type=Path, help="unit-tests: the Caffe build to test (default: the one "
+                                                    "linked into the venv)")
     args = parser.parse_args(argv)
     try:
         if args.command == "apt-packages":
             print(" ".join(APT_PACKAGES))
+        elif args.command == "build":
+            print(configured_build()[0])
+        elif args.command == "unit-tests":
+            prefix = args.prefix.resolve() if args.prefix else linked_prefix()
+            if not (prefix / "emotiw-build.json").exists():
+                raise InstallError(f"--prefix {prefix} is no Caffe build of this installer (no emotiw-build.json)")
+            return unit_tests(prefix)
         else:
             install()
     except InstallError as error:

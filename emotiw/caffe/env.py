@@ -1,15 +1,18 @@
 """Importing pycaffe and running Caffe's tools the same way everywhere: quiet glog by default, one
-clear error if missing, and OpenBLAS's fast kernels on CPUs it does not recognise.
+clear error if missing, and OpenBLAS's fast kernels on CPUs it does not recognise. Also what the
+installed build is: its emotiw-build.json, its BLAS (OpenBLAS or Intel MKL), whether it has CUDA.
 
 Debian 12's OpenBLAS (0.3.21, what libcaffe links) picks its kernels from the CPU model; on a CPU
 newer than itself (e.g. Intel family 6 model 207) it falls back to its generic SSE3 "Prescott"
 kernels, which ran Caffe's GEMM at 30 GFLOP/s where the AVX-512 ones reach 200 on the same two cores
 (bench/NOTES.md). OPENBLAS_CORETYPE tells it which kernels to use; it is read when the library is
 loaded, so it goes into os.environ before pycaffe is imported or a tool is started (the tools
-inherit it). A value the user set is never changed.
+inherit it). A value the user set is never changed. A build with MKL (`CAFFE_BLAS=mkl make install`)
+needs none of this: MKL picks its kernels from the CPU's instruction set.
 """
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -54,6 +57,12 @@ def libcaffe_path():
     return path if path.exists() else None
 
 
+def caffe_build_info():
+    """The emotiw-build.json of the Caffe build linked into this venv (flags, patches, gpu), or None."""
+    path = Path(sys.prefix) / "emotiw-caffe" / "emotiw-build.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def linked_libraries(path):
     """{soname: resolved path} of a shared library's dependencies, from ldd."""
     result = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
@@ -61,13 +70,37 @@ def linked_libraries(path):
 
 
 def caffe_openblas_path():
-    """The OpenBLAS file libcaffe links (Debian's libblas.so.3 alternative resolves to one), or None."""
+    """The OpenBLAS file libcaffe links (Debian's libblas.so.3 alternative resolves to one), or None:
+    also for an MKL build, whose BLAS calls go to MKL even where another library brings OpenBLAS."""
     libcaffe = libcaffe_path()
-    if libcaffe is None:
+    if libcaffe is None or caffe_mkl_path() is not None:
         return None
     resolved = [os.path.realpath(path) for path in linked_libraries(libcaffe).values()]
     return next((path for path in resolved if Path(path).name.startswith("libopenblas")),
                 next((path for path in resolved if "openblas" in path), None))
+
+
+def caffe_mkl_path():
+    """The MKL runtime (libmkl_rt) libcaffe links, or None (an OpenBLAS build)."""
+    libcaffe = libcaffe_path()
+    if libcaffe is None:
+        return None
+    return next((os.path.realpath(path) for soname, path in linked_libraries(libcaffe).items()
+                 if soname.startswith("libmkl_rt")), None)
+
+
+class MKLVersion(ctypes.Structure):
+    """oneMKL's MKLVersion (mkl_types.h; PatchVersion since oneMKL 2024)."""
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int),
+                ("patch", ctypes.c_int), ("status", ctypes.c_char_p), ("build", ctypes.c_char_p),
+                ("processor", ctypes.c_char_p), ("platform", ctypes.c_char_p)]
+
+
+def mkl_version(library):
+    """(version, the instruction set MKL runs here) as the MKL library says them."""
+    version = MKLVersion()
+    ctypes.CDLL(str(library)).mkl_get_version(ctypes.byref(version))
+    return f"{version.major}.{version.update}.{version.patch}", version.processor.decode()  # 2026 Update 2: 2026.2.0
 
 
 def openblas_core(library):

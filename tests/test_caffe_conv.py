@@ -1,0 +1,225 @@
+"""The convolution of the installed Caffe (caffe_patches/0004: chunks of images per GEMM on the CPU)
+against an independent float64 formula on the layer shapes of our nets, and the patched build against
+the unpatched one on whole nets, forward and backward."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emotiw import nets
+from tools import caffe_build
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUTS = REPO / "tests" / "caffe_outputs.py"
+# The batched path's rule (src/caffe/layers/base_conv_layer.cpp, cpu_chunk_images)
+CHUNK_MAX_SPATIAL, CHUNK_MIN_WEIGHTS, CHUNK_COLUMNS = 256, 1 << 16, 1024
+MAX_MACS, MAX_COLUMN_VALUES = 2e8, 2e7  # what one reference layer may cost here
+
+
+def pair(values, default):
+    values = list(values)
+    return (values * 2 if len(values) == 1 else values) if values else [default, default]
+
+
+def geometry(layer, bottom):
+    """(C, H, W, M, (kh, kw), (sh, sw), (ph, pw), (dh, dw), group, bias) of a Convolution layer."""
+    p = layer.convolution_param
+    kernel = [p.kernel_h, p.kernel_w] if p.kernel_h else pair(p.kernel_size, 1)
+    stride = [p.stride_h, p.stride_w] if p.stride_h else pair(p.stride, 1)
+    pad = [p.pad_h, p.pad_w] if p.pad_h or p.pad_w else pair(p.pad, 0)
+    return (*bottom[1:], p.num_output, tuple(kernel), tuple(stride), tuple(pad), tuple(pair(p.dilation, 1)),
+            p.group, p.bias_term)
+
+
+def output_size(c, h, w, m, kernel, stride, pad, dilation):
+    return [(size + 2 * pd - (dl * (k - 1) + 1)) // st + 1
+            for size, k, st, pd, dl in zip((h, w), kernel, stride, pad, dilation)]
+
+
+def chunked(geo):
+    c, h, w, m, kernel, stride, pad, dilation, group, _ = geo
+    spatial = math.prod(output_size(c, h, w, m, kernel, stride, pad, dilation))
+    return spatial < CHUNK_MAX_SPATIAL and m * c // group * math.prod(kernel) >= CHUNK_MIN_WEIGHTS, spatial
+
+
+def layer_cases():
+    """One convolution per kind (kernel, stride, pad, dilation, grouped, chunked or not, 1x1) over every
+    registered net, the cheapest of its kind, with a batch that needs several chunks where the
+    cost allows."""
+    kinds = {}
+    for name in nets.names():
+        shapes = nets.shapes(name)
+        for layer in nets.build(name, "deploy").layer:
+            if layer.type != "Convolution":
+                continue
+            geo = geometry(layer, shapes.blobs[layer.bottom[0]])
+            c, h, w, m, kernel, stride, pad, dilation, group, _ = geo
+            batched, spatial = chunked(geo)
+            per_image = spatial * m * c // group * math.prod(kernel)
+            kind = (kernel, stride, pad, dilation, group > 1, batched, spatial == 1)
+            if kind not in kinds or per_image < kinds[kind][1]:
+                kinds[kind] = (geo, per_image, spatial, f"{name}/{layer.name}")
+    for geo, per_image, spatial, where in kinds.values():
+        c, m, kernel = geo[0], geo[3], geo[4]
+        wanted = 2 * math.ceil(CHUNK_COLUMNS / spatial) + 1 if chunked(geo)[0] else 3
+        affordable = min(MAX_MACS / per_image, MAX_COLUMN_VALUES / (c * math.prod(kernel) * spatial))
+        yield pytest.param(geo, max(2, min(wanted, int(affordable))), id=where)
+
+
+def reference(x, w, b, dy, stride, pad, dilation, group):
+    """float64 convolution by unfolding (im2col) and its gradients: y, dx, dw, db."""
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
+    oh, ow = output_size(c, h, wd, m, (kh, kw), stride, pad, dilation)
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cols = np.empty((n, c, kh, kw, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = padded[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+    cols = cols.reshape(n, group, cg * kh * kw, oh * ow)
+    wg = w.reshape(group, m // group, cg * kh * kw)
+    y = np.einsum("gmk,ngkp->ngmp", wg, cols, optimize=True).reshape(n, m, oh, ow) + b[:, None, None]
+    dyg = dy.reshape(n, group, m // group, oh * ow)
+    dw_ = np.einsum("ngmp,ngkp->gmk", dyg, cols, optimize=True).reshape(w.shape)
+    dcols = np.einsum("gmk,ngmp->ngkp", wg, dyg, optimize=True).reshape(n, c, kh, kw, oh, ow)
+    dpadded = np.zeros_like(padded)
+    for i in range(kh):
+        for j in range(kw):
+            dpadded[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw] += dcols[:, :, i, j]
+    return y, dpadded[:, :, ph:ph + h, pw:pw + wd], dw_, dy.sum(axis=(0, 2, 3))
+
+
+def relative_error(ours, expected):
+    return float(np.abs(ours - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+@pytest.mark.parametrize("geo,batch", list(layer_cases()))
+def test_convolution_matches_the_float64_formula(geo, batch, tmp_path):
+    from caffe import layers as L
+
+    from emotiw.caffe.env import import_caffe
+
+    caffe = import_caffe()
+    caffe.set_mode_cpu()
+    c, h, w, m, kernel, stride, pad, dilation, group, bias = geo
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[batch, c, h, w]))
+    n.conv = L.Convolution(n.data, num_output=m, kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0],
+                           stride_w=stride[1], pad_h=pad[0], pad_w=pad[1], dilation=list(dilation), group=group,
+                           bias_term=bias)
+    proto = n.to_proto()
+    proto.force_backward = True
+    path = tmp_path / "conv.prototxt"
+    path.write_text(str(proto))
+    net = caffe.Net(str(path), caffe.TEST)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+    weights = net.params["conv"][0].data
+    weights[...] = rng.standard_normal(weights.shape) / np.sqrt(weights[0].size)
+    b = rng.standard_normal(m).astype(np.float32) if bias else np.zeros(m, np.float32)
+    if bias:
+        net.params["conv"][1].data[...] = b
+    net.blobs["data"].data[...] = x
+    y = net.forward()["conv"].copy()
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    net.blobs["conv"].diff[...] = dy
+    for blob in net.params["conv"]:
+        blob.diff[...] = 0
+    net.backward()
+    expected = reference(x.astype(np.float64), weights.astype(np.float64), b.astype(np.float64),
+                         dy.astype(np.float64), stride, pad, dilation, group)
+    ours = [y, net.blobs["data"].diff, net.params["conv"][0].diff] + ([net.params["conv"][1].diff] if bias else [])
+    errors = {what: relative_error(got, want) for what, got, want in zip(("forward", "input gradient",
+                                                                          "weight gradient", "bias gradient"),
+                                                                         ours, expected)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+# ---------------------------------------------------------------- patched against unpatched build
+
+QUICK_NETS = ["sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat", "fer2013_mini_xception", "audio_mlp"]
+# OpenBLAS sums each output in the same order whatever the GEMM's width, so the chunks change the last
+# bits only: every blob, scores and gradients, within 1e-5 of its largest value. MKL picks other kernels
+# for other shapes, and the deep nets' backward passes amplify float32 rounding a thousandfold: the
+# gradients differ by up to 2.6e-3 (relative L2 norm of all parameter gradients, SSE-ResNet-50-4conv;
+# DenseNet 7e-4) between the patched and unpatched MKL builds, as much as between the unpatched MKL and
+# OpenBLAS builds (DenseNet 1e-3). There the scores are held to 1e-5 and the gradients, as a whole, to
+# 1e-2, which a wrong chunk (an error of the gradients' own size) still fails by far.
+TOLERANCE = 1e-5
+MKL_GRADIENT_TOLERANCE = 1e-2
+
+
+def build_pairs():
+    """(patched, unpatched, flags) for the linked build's configuration and for the OpenBLAS CPU one:
+    the prefixes of the builds with all of caffe_patches/ and without 0004; a skip if neither pair is
+    in the cache."""
+    linked = json.loads((caffe_build.VENV / "emotiw-caffe" / "emotiw-build.json").read_text())["cmake_flags"]
+    orig, debian = caffe_build.source_tarballs()
+    info = caffe_build.venv_info()
+    pairs = []
+    for flags in dict.fromkeys([tuple(linked), tuple(caffe_build.cmake_flags(info, gpu=False))]):
+        patched = caffe_build.build_key(orig, debian, info, list(flags))
+        all_patches = caffe_build.our_patches
+        try:
+            caffe_build.our_patches = lambda: [p for p in all_patches() if not p.name.startswith("0004-")]
+            unpatched = caffe_build.build_key(orig, debian, info, list(flags))
+        finally:
+            caffe_build.our_patches = all_patches
+        prefixes = [caffe_build.cache_root() / f"caffe-{key}" for key in (patched, unpatched)]
+        if all((prefix / "emotiw-build.json").exists() for prefix in prefixes):
+            pairs.append((*prefixes, flags))
+    if not pairs:
+        pytest.skip("no patched and unpatched (caffe_patches/ without 0004) builds of one configuration in the "
+                    f"cache {caffe_build.cache_root()}: build the unpatched one with 0004 left out of "
+                    "caffe_patches/series and `python3 tools/caffe_build.py build`")
+    return pairs
+
+
+def outputs(prefix, names, batch, tmp_path):
+    """The folder of caffe_outputs.py's NET.npz files, run with the pycaffe of the build at prefix."""
+    out = tmp_path / prefix.name
+    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(OUTPUTS), str(out), *names, "--batch", str(batch)], check=True, env=env)
+    return out
+
+
+def load(folder, name):
+    with np.load(folder / f"{name}.npz") as loaded:
+        results = dict(loaded)
+    return Path(str(results.pop("caffe"))).resolve(), results
+
+
+def check_agreement(names, batch, tmp_path):
+    for patched, unpatched, flags in build_pairs():
+        ours, theirs = outputs(patched, names, batch, tmp_path), outputs(unpatched, names, batch, tmp_path)
+        for name in names:
+            (our_caffe, our_blobs), (their_caffe, their_blobs) = load(ours, name), load(theirs, name)
+            for folder in (ours, theirs):  # every blob of a ResNet-50 head: up to 1.5 GB a net
+                (folder / f"{name}.npz").unlink()
+            assert our_caffe.is_relative_to(patched) and their_caffe.is_relative_to(unpatched)
+            assert our_blobs.keys() == their_blobs.keys() and any(key.startswith("forward/") for key in our_blobs)
+            strict = our_blobs if "-DBLAS=MKL" not in flags else [k for k in our_blobs if k.startswith("forward/")]
+            errors = {key: relative_error(our_blobs[key], their_blobs[key]) for key in strict}
+            worst = max(errors, key=errors.get)
+            assert errors[worst] <= TOLERANCE, f"{patched.name} {name} {worst}: {errors[worst]:.2e}"
+            if "-DBLAS=MKL" in flags:
+                gradients = [key for key in our_blobs if key.startswith("backward/")]
+                ours_all, theirs_all = (np.concatenate([blobs[key].ravel().astype(np.float64) for key in gradients])
+                                        for blobs in (our_blobs, their_blobs))
+                error = np.linalg.norm(ours_all - theirs_all) / max(np.linalg.norm(theirs_all), 1e-30)
+                assert error <= MKL_GRADIENT_TOLERANCE, f"{patched.name} {name} gradients: {error:.2e}"
+
+
+def test_patched_build_agrees_with_the_unpatched_one(tmp_path):
+    check_agreement(QUICK_NETS, 8, tmp_path)
+
+
+@pytest.mark.slow
+def test_patched_build_agrees_with_the_unpatched_one_on_every_net(tmp_path):
+    check_agreement(nets.names(), 8, tmp_path)  # 8: two chunks at 14x14 outputs
