@@ -308,3 +308,43 @@ def test_bn_moving_average_fraction_out_of_range_is_refused(lists, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--bn-moving-average-fraction must be between 0 and 1" in result.stderr
+
+
+def test_gpu_on_a_cpu_only_build_is_refused_in_one_line(lists, tmp_path):
+    from emotiw.caffe.env import caffe_build_info
+
+    if caffe_build_info()["gpu"]:
+        pytest.skip("the Caffe linked into this venv is a CUDA build")
+    for gpu in ("0", "all", "0,1"):
+        result = subprocess.run([EMOTIW, *train_args(*lists, tmp_path / "out", "--max-iter", "2", "--gpu", gpu)],
+                                capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert f"--gpu {gpu}: the Caffe linked into this venv is a CPU-only build" in lines[0]
+        assert "CAFFE_GPU=1 make install" in lines[0]
+        assert not (tmp_path / "out").exists()  # refused before anything was written or run
+
+
+def test_gpu_takes_caffes_device_lists(lists, tmp_path):
+    from emotiw.stages.train import caffe_command, check_gpu
+
+    result = subprocess.run([EMOTIW, *train_args(*lists, tmp_path / "out", "--max-iter", "2", "--gpu", "0;1")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--gpu 0;1: give `all`, one GPU id (0) or a comma-separated list" in result.stderr
+    command = caffe_command(tmp_path / "solver.prototxt", gpu="0,1")
+    assert command[1] == "train" and command[-1] == "--gpu=0,1"
+    assert check_gpu(None) is None
+
+
+def test_the_solver_count_is_shown(lists, tmp_path, capsys):
+    from emotiw.stages.train import solver_line, train
+
+    result = train(NET, *lists, tmp_path / "out", max_iter=1, batch_size=4, test_batch_size=7, test_iter=1,
+                   test_interval=3, snapshot=3, display=1, input_size=SIZE)
+    assert result.solvers == "1 solver on the CPU"
+    assert "caffe train: 1 solver on the CPU" in capsys.readouterr().out
+    assert "Use CPU." in (tmp_path / "out" / "train.log").read_text()  # what it was read from
+    # caffe train's line on a CUDA build, as tools/caffe.cpp writes it
+    assert solver_line("I1201 10:40:35.751032  1083 caffe.cpp:204] Using GPUs 0, 1\n") == "2 solvers on GPUs 0, 1"
+    assert solver_line("I1201 10:40:35.751032  1083 caffe.cpp:204] Using GPUs 3") == "1 solver on GPU 3"
+    assert solver_line("I1201 10:40:35.751032  1083 solver.cpp:57] Solver scaffolding done.") is None

@@ -26,7 +26,9 @@ def register(subparsers):
                         help="BatchNorm running-average decay (default: Caffe's 0.999, as released); about "
                              "0.9 for short trainings, whose test nets would otherwise use statistics of "
                              "the first iterations")
-    parser.add_argument("--gpu", type=int, help="GPU id (needs a CUDA build of Caffe)")
+    parser.add_argument("--gpu", metavar="all|ID[,ID...]",
+                        help="train on GPUs, as caffe train's --gpu: all, 0 or 0,1 (one solver per GPU, each with "
+                             "the net's batch size, synchronised with NCCL); needs a CUDA build of Caffe")
     parser.add_argument("--seed", type=int, default=1, help="Caffe's random_seed (default 1)")
     parser.add_argument("--skip-image-check", action="store_true",
                         help="do not decode every listed image before training")

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from emotiw import EMOTIONS, nets
-from emotiw.caffe.env import caffe_tool
+from emotiw.caffe.env import caffe_build_info, caffe_tool
 from emotiw.caffe.log import TrainingCurves
 from emotiw.caffe.tools import first_fatal_line, run_tool, start_logged
 from emotiw.caffe.weights import check_weights
@@ -26,6 +27,8 @@ from emotiw.nets.options import NetOptions
 from emotiw.processes import Terminated
 
 MIN_IMAGE_SIDE = 8
+GPU_LIST = re.compile(r"all|\d+(,\d+)*")
+SOLVERS = re.compile(r"\] (?:Use CPU\.|Using GPUs (.+))$")  # caffe train's device line
 MEAN_SAMPLE = 1000  # images whose mean colour stands for a list's when the images are not checked
 
 
@@ -265,6 +268,34 @@ def resumed_curves(out, state):
 
 # ---------------------------------------------------------------- running caffe
 
+def check_gpu(gpu):
+    """`--gpu` as caffe train takes it ("all", "0" or "0,1": one solver per GPU, synchronised with
+    NCCL), refused at once on a CPU-only build of Caffe; None stays None (the CPU)."""
+    if gpu is None:
+        return None
+    gpu = str(gpu).replace(" ", "")
+    if not GPU_LIST.fullmatch(gpu):
+        raise UserError(f"--gpu {gpu}: give `all`, one GPU id (0) or a comma-separated list (0,1)")
+    build = caffe_build_info()
+    if build is not None and not build["gpu"]:
+        raise UserError(f"--gpu {gpu}: the Caffe linked into this venv is a CPU-only build; build the CUDA one "
+                        "with `CAFFE_GPU=1 make install` on a machine with a GPU (docs/gpu.md), or train "
+                        "without --gpu")
+    return gpu
+
+
+def solver_line(line):
+    """caffe train's device line as ours: `1 solver on the CPU` or `N solvers on GPUs 0, 1`; None
+    for other lines."""
+    match = SOLVERS.search(line.rstrip())
+    if not match:
+        return None
+    if match.group(1) is None:
+        return "1 solver on the CPU"
+    gpus = match.group(1).split(", ")
+    return f"{len(gpus)} solver{'s' if len(gpus) > 1 else ''} on GPU{'s' if len(gpus) > 1 else ''} {match.group(1)}"
+
+
 def resume_command(net, train, val, out, settings):
     """The `emotiw train` command line that continues this run from its newest snapshot."""
     words = ["emotiw", "train", net, "--train", train, "--val", val, "--out", out]
@@ -347,10 +378,11 @@ def plot_curves(curves, path):
 
 def run_caffe(command, out, max_iter, curves):
     """Runs caffe train, logging to DIR/train.log and adding to `curves`; returns (status, diverged,
-    stopped_by): the signal (SIGINT, SIGTERM) that made caffe snapshot and stop, or None."""
+    stopped_by, solvers): the signal (SIGINT, SIGTERM) that made caffe snapshot and stop, or None, and
+    caffe's solver count and devices as solver_line says them (printed as they come)."""
     from tqdm import tqdm
 
-    process, stopped_by = None, []
+    process, stopped_by, solvers = None, [], None
 
     def stop(signum, _frame):
         stopped_by.append(signum)
@@ -368,6 +400,8 @@ def run_caffe(command, out, max_iter, curves):
         with open(out / "train.log", "a", buffering=1) as log:  # line by line, for `tail -f`
             for line in process.stdout:
                 log.write(line)
+                if solvers is None and (solvers := solver_line(line)):
+                    tqdm.write(f"caffe train: {solvers}")
                 event = curves.feed(line)
                 if event == "iteration":
                     bar.update(curves.iteration - bar.n)
@@ -392,7 +426,7 @@ def run_caffe(command, out, max_iter, curves):
         if process is not None and process.poll() is None:
             process.kill()
     write_curves(curves, out)
-    return status, diverged, stopped_by[0] if stopped_by else None
+    return status, diverged, stopped_by[0] if stopped_by else None, solvers
 
 
 @dataclass
@@ -403,6 +437,7 @@ class TrainResult:
     best_val: tuple | None         # (iteration, accuracy) of the best validation score
     iterations: int
     files: dict = field(default_factory=dict)  # train_val, test, deploy, solver, log, curves
+    solvers: str | None = None     # "1 solver on the CPU", "2 solvers on GPUs 0, 1"
 
 
 def feature_base_lr(net, dimension):
@@ -432,10 +467,12 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     base_lr, test_interval, test_iter, snapshot, display) default to the paper's; batch sizes,
     input_size and num_classes to the net's. mean: a mean.binaryproto (default: the net's mean values,
     else the training images' mean colour); bn_moving_average_fraction: BatchNorm's running-average
-    decay (default Caffe's 0.999); gpu: a device id on a CUDA build; seed: Caffe's random_seed;
+    decay (default Caffe's 0.999); gpu: on a CUDA build, caffe's --gpu: "all", "0" or "0,1" (one
+    solver per GPU, each with the net's batch size); seed: Caffe's random_seed;
     check_images: decode every listed image before training.
     """
     out = Path(out)
+    gpu = check_gpu(gpu)
     settings = {"max-iter": max_iter, "base-lr": base_lr, "batch-size": batch_size,
                 "test-batch-size": test_batch_size, "test-interval": test_interval, "test-iter": test_iter,
                 "snapshot": snapshot, "display": display, "input-size": input_size, "num-classes": num_classes,
@@ -478,7 +515,7 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     command = caffe_command(solver_path, weights, state, gpu)
     print("running: " + " ".join(command))
     curves = resumed_curves(out, state) if state else TrainingCurves()
-    status, diverged, stopped_by = run_caffe(command, out, solver.max_iter, curves)
+    status, diverged, stopped_by, solvers = run_caffe(command, out, solver.max_iter, curves)
     last_model = sorted((out / "snapshots").glob("*.caffemodel"), key=os.path.getmtime)
     last = str(last_model[-1]) if last_model else "none"
     if diverged:
@@ -499,4 +536,4 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     files = {kind: out / f"{kind}.prototxt" for kind in ("train_val", "test", "deploy", "solver")}
     files.update(log=out / "train.log", curves=out / "curves.csv", plot=out / "curves.png")
     return TrainResult(out=out, model=Path(last) if last_model else None, best_val=best,
-                       iterations=curves.iteration, files=files)
+                       iterations=curves.iteration, files=files, solvers=solvers)
