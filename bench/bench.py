@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from emotiw import nets
-from emotiw.caffe.env import caffe_openblas, caffe_tool, import_caffe
+from emotiw.caffe.env import caffe_mkl_path, caffe_openblas, caffe_tool, import_caffe, mkl_version
 from emotiw.caffe.runtime import load_net
 from emotiw.demo.scene import astronaut_head, coffee_background, paste
 from emotiw.errors import UserError
@@ -153,16 +153,44 @@ class Reference:
 # ---------------------------------------------------------------------------------------------
 # 1. The machine: CPU, BLAS, GEMM ceiling
 
+class CaffeBLAS:
+    """The BLAS libcaffe runs (OpenBLAS or Intel MKL), loaded through ctypes: its cblas_sgemm, its
+    thread count, what it says of itself."""
+
+    def __init__(self):
+        import_caffe()
+        mkl = caffe_mkl_path()
+        if mkl is not None:
+            self.path, self.library, self.mkl = Path(mkl), ctypes.CDLL(mkl), True
+            version, isa = mkl_version(mkl)
+            self.config, self.core = f"Intel MKL {version}", isa
+        else:
+            self.path, self.library = caffe_openblas()
+            self.mkl = False
+            self.config = self.library.openblas_get_config().decode()
+            self.core = self.library.openblas_get_corename().decode()
+
+    @property
+    def threads(self):
+        return self.library.MKL_Get_Max_Threads() if self.mkl else self.library.openblas_get_num_threads()
+
+    def set_threads(self, threads):
+        if self.mkl:
+            self.library.MKL_Set_Num_Threads(threads)
+        else:
+            self.library.openblas_set_num_threads(threads)
+
+
 def machine_description():
     import cv2
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    path, blas = caffe_openblas()
+    blas = CaffeBLAS()
     return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "load_average_at_start": list(os.getloadavg()), "blas_library": str(path),
-            "blas": blas.openblas_get_config().decode(), "blas_core": blas.openblas_get_corename().decode(),
-            "blas_threads": blas.openblas_get_num_threads(), "opencv": cv2.__version__,
+            "load_average_at_start": list(os.getloadavg()), "blas_library": str(blas.path),
+            "blas": blas.config, "blas_core": blas.core,
+            "blas_threads": blas.threads, "opencv": cv2.__version__,
             "opencv_threads": cv2.getNumThreads(), "caffe": getattr(import_caffe(), "__version__", "1.0"),
             "python": platform.python_version(), "numpy": np.__version__,
             "date": datetime.now().isoformat(timespec="seconds")}
@@ -173,9 +201,9 @@ def use_threads(threads):
     and the reference side) and OpenCV; returns the machine description."""
     import cv2
 
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "BENCH_THREADS"):
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "BENCH_THREADS"):
         os.environ[name] = str(threads)
-    caffe_openblas()[1].openblas_set_num_threads(threads)
+    CaffeBLAS().set_threads(threads)
     cv2.setNumThreads(threads)
     return machine_description()
 
@@ -227,7 +255,7 @@ def bench_gemm(plan, results, work):
     """GFLOP/s of one square SGEMM through libcaffe's OpenBLAS, and of a Caffe InnerProduct
     forward of the same size (the same sgemm behind a Caffe layer), against the computed peak."""
     size = plan.gemm_size
-    _, blas = caffe_openblas()
+    blas = CaffeBLAS().library
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     c = np.empty((size, size), np.float32)
@@ -235,7 +263,7 @@ def bench_gemm(plan, results, work):
     peak = gemm_peak(plan, results, work)
     rates = measure(lambda: sgemm(blas, a, b, c), flops, plan)
     fraction = {"fraction_of_peak": statistics.median(rates) / peak} if peak else {}
-    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "OpenBLAS (ctypes)", rates, "GFLOP/s", **fraction)
+    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "libcaffe's BLAS (ctypes)", rates, "GFLOP/s", **fraction)
     net = inner_product_net(size)
     net.blobs["data"].data[...] = a
     rates = measure(net.forward, flops, plan)
