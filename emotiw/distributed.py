@@ -13,7 +13,7 @@ mini-batches instead (emotiw.stages.extract.extract_on_cluster).
   caller had is kept. An address that cannot be reached is one line (Ray itself keeps waiting).
 - Actors: the per-process state (pycaffe and OpenCV nets, the MTCNN detector) stays loaded in Ray
   actors between clips: one actor per GPU of the cluster (num_gpus=1) where it has GPUs, else one per
-  CPU, each running one thread of OpenBLAS and OpenCV (the stages' own thread settings).
+  CPU, each running one thread of the BLAS and OpenCV (the stages' own thread settings).
 - Paths: each actor works in the caller's working directory, so paths mean what they mean here:
   every node must see the inputs (and preprocess's output folder) at the same paths, on a shared
   file system for one. An actor that does not see them stops the run with one line naming its node.

@@ -148,28 +148,38 @@ def test_mkl_builds_link_mkl_rt_from_the_pinned_wheels(monkeypatch):
     assert "-DBLAS=Open" in caffe_build.cmake_flags(info, gpu=False)
     assert all("==" in wheel for wheel in caffe_build.MKL_WHEELS)  # pinned
     monkeypatch.setenv("CAFFE_BLAS", "atlas")
-    with pytest.raises(InstallError, match="CAFFE_BLAS=atlas: choose open"):
+    with pytest.raises(InstallError, match="CAFFE_BLAS=atlas: choose mkl"):
         caffe_build.blas_choice()
     monkeypatch.setenv("CAFFE_BLAS", "open")
     assert caffe_build.blas_choice() == "open"
 
 
-def test_openblas_is_the_default_and_mkl_the_option(monkeypatch):
+@pytest.mark.parametrize("vendor, gpu, default", [("GenuineIntel", False, "mkl"), ("AuthenticAMD", False, "open"),
+                                                  ("GenuineIntel", True, "open"), (None, False, "open")])
+def test_mkl_is_the_default_for_cpu_builds_on_intel_and_openblas_elsewhere(monkeypatch, tmp_path, vendor, gpu,
+                                                                           default):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2\n" if vendor else "processor\t: 0\n")
+    monkeypatch.setattr(caffe_build.platform, "machine", lambda: "x86_64")
     monkeypatch.delenv("CAFFE_BLAS", raising=False)
-    assert caffe_build.blas_choice() == "open"
-    monkeypatch.setenv("CAFFE_BLAS", "MKL")
-    assert caffe_build.blas_choice() == "mkl"
+    assert caffe_build.blas_choice(gpu, cpuinfo) == default
+    monkeypatch.setenv("CAFFE_BLAS", "")  # a Dockerfile's ARG left empty
+    assert caffe_build.blas_choice(gpu, cpuinfo) == default
+    for asked in ("MKL", "open"):
+        monkeypatch.setenv("CAFFE_BLAS", asked)
+        assert caffe_build.blas_choice(gpu, cpuinfo) == asked.lower()
 
 
 def test_caffe_unit_tests_of_the_patched_layers_pass():
-    """Caffe's own gtest suites (convolution and im2col, with their gradient checks) against the
+    """Caffe's own gtest suites (convolution, im2col and pooling, with their gradient checks) against the
     linked build: compiled once per build (about a minute), then only run (about 10 s)."""
     result = subprocess.run([sys.executable, str(REPO / "tools" / "caffe_build.py"), "unit-tests"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[  PASSED  ]" in result.stdout and "FAILED" not in result.stdout
     for suite in ("ConvolutionLayerTest/0.TestGradient", "ConvolutionLayerTest/1.TestNDAgainst2D",
-                  "Im2colLayerTest/0.TestDilatedGradient"):
+                  "Im2colLayerTest/0.TestDilatedGradient", "PoolingLayerTest/0.TestForwardMaxTopMask",
+                  "PoolingLayerTest/1.TestGradientMax", "PoolingLayerTest/0.TestGradientMaxTopMask"):
         assert f"[       OK ] {suite} " in result.stdout
     if "0004-batched-cpu-convolution.patch" in caffe_build.linked_prefix().joinpath("emotiw-build.json").read_text():
         assert "[       OK ] ConvolutionLayerTest/1.TestChunksMatchSingleImages" in result.stdout

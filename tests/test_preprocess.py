@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from emotiw import EMOTIONS
+from emotiw.caffe.env import BLAS_THREADS_VARIABLES, caffe_mkl_path
 from emotiw.cli import main
 from emotiw.face.align import crop_dsn, to_gray
 from emotiw.face.video import iter_frames
@@ -155,21 +156,22 @@ def test_two_workers_give_the_same_outputs_as_one(afew, reference, tmp_path):
 WORKER_THREADS = """
 import os, queue, sys
 import cv2
-from emotiw.caffe.env import caffe_openblas
+from emotiw.caffe.env import CaffeBLAS
 from emotiw.stages.preprocess import _init_worker
 _init_worker(queue.Queue(), int(sys.argv[1]))
-_, blas = caffe_openblas()  # Caffe, and with it OpenBLAS, loads after the worker's setup, as in detector()
-print(cv2.getNumThreads(), blas.openblas_get_num_threads())
+blas = CaffeBLAS()  # Caffe, and with it its BLAS, loads after the worker's setup, as in detector()
+print(cv2.getNumThreads(), blas.threads)
 """
 
 
 @pytest.mark.parametrize("user_setting, expected", [(None, "1 1"), ("2", "1 2")])
 def test_a_worker_takes_its_share_of_the_cores(user_setting, expected):
-    """Workers do not oversubscribe the machine: OpenCV and Caffe's OpenBLAS use the threads given;
-    an OPENBLAS_NUM_THREADS the user set is kept."""
-    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_NUM_THREADS"}
+    """Workers do not oversubscribe the machine: OpenCV and Caffe's BLAS (MKL or OpenBLAS) use the
+    threads given; a thread count the user set for that BLAS is kept."""
+    variable = BLAS_THREADS_VARIABLES["mkl" if caffe_mkl_path() else "openblas"]
+    env = {key: value for key, value in os.environ.items() if key not in BLAS_THREADS_VARIABLES.values()}
     if user_setting:
-        env["OPENBLAS_NUM_THREADS"] = user_setting
+        env[variable] = user_setting
     result = subprocess.run([sys.executable, "-c", WORKER_THREADS, "1"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[-2] == expected

@@ -7,8 +7,8 @@ Steps: system packages -> venv with the runtime dependencies -> Caffe source (pr
 configuration or CAFFE_SRC) -> sha256 check -> Debian's patch series, then ours -> CMake build in a
 temporary directory renamed into the cache when complete -> pycaffe and the tools linked into the venv.
 
-Settings (environment): CAFFE_BLAS=open|mkl (OpenBLAS from Debian, the default; or Intel MKL from
-its pinned PyPI wheels, faster on Intel CPUs), CAFFE_GPU=1|0 (a CUDA build with NCCL; default: only where nvcc and a GPU driver
+Settings (environment): CAFFE_BLAS=mkl|open (Intel MKL from its pinned PyPI wheels, the default for
+a CPU build on an Intel CPU; or Debian's OpenBLAS, the default elsewhere), CAFFE_GPU=1|0 (a CUDA build with NCCL; default: only where nvcc and a GPU driver
 are present; cuBLAS, cuRAND and NCCL come from pinned PyPI wheels where the toolkit lacks them),
 CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. Commands: `install` (build or reuse, then link into the venv),
 `build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
@@ -74,8 +74,12 @@ CUDA_WHEELS = {
     "nccl": ("nvidia-nccl-cu13==2.30.7", "nvidia/nccl/include/nccl.h", "nvidia/nccl/lib/libnccl.so.2"),
 }
 CUDA_WHEELS_MAJOR = 13
-# Caffe's gtest suites for the layers and helpers caffe_patches/ changes (0004: convolution, im2col).
-UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp"]
+# Caffe's gtest suites for the layers and helpers caffe_patches/ changes (0004: convolution, im2col;
+# 0005: im2col, col2im, max pooling).
+UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp", "test_pooling_layer.cpp"]
+# Our patches that make Caffe's CPU code faster without changing what it computes: the bench and the
+# tests compare builds with and without them.
+SPEED_PATCHES = ("0004-batched-cpu-convolution.patch", "0005-cpu-im2col-rows-and-max-pooling.patch")
 
 
 class InstallError(Exception):
@@ -252,14 +256,25 @@ def use_gpu():
     return shutil.which("nvcc") is not None and Path("/dev/nvidiactl").exists()
 
 
-def blas_choice():
-    """CAFFE_BLAS, else OpenBLAS. On the Intel Xeon here MKL ran Caffe 10-16 % faster at batch 32
-    and 17-72 % at batch 1 than OpenBLAS with its AVX-512 kernels (caffe_patches/README.md), but the
-    runtime's thread control (preprocess workers, the bench) and its tests still speak OpenBLAS
-    only, so MKL is the option, not yet the default."""
-    choice = os.environ.get("CAFFE_BLAS", "open").lower()
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The CPU's vendor_id (GenuineIntel, AuthenticAMD, ...), or "" where /proc/cpuinfo has none."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+
+
+def blas_choice(gpu=False, cpuinfo="/proc/cpuinfo"):
+    """CAFFE_BLAS, else MKL for a CPU build on an Intel CPU and OpenBLAS otherwise. On the Intel Xeon
+    here MKL ran every GEMM shape measured and all but one net faster than OpenBLAS with its AVX-512
+    kernels (bench/NOTES.md 17). On other CPUs MKL is not the safe choice (it picks slower code paths on AMD),
+    and a CUDA build runs its GEMMs on the GPU, so both keep Debian's OpenBLAS."""
+    default = "mkl" if not gpu and cpu_vendor(cpuinfo) == "GenuineIntel" and platform.machine() == "x86_64" else "open"
+    choice = (os.environ.get("CAFFE_BLAS") or default).lower()  # empty: unset (a Dockerfile's ARG)
     if choice not in ("open", "mkl"):
-        raise InstallError(f"CAFFE_BLAS={choice}: choose open (OpenBLAS, the default) or mkl (Intel MKL)")
+        raise InstallError(f"CAFFE_BLAS={choice}: choose mkl (Intel MKL, the default on Intel CPUs) or open "
+                           "(OpenBLAS, the default elsewhere)")
     return choice
 
 
@@ -504,7 +519,7 @@ def configured_build():
     ensure_venv()
     info = venv_info()
     gpu = use_gpu()
-    mkl_root = ensure_mkl() if blas_choice() == "mkl" else None
+    mkl_root = ensure_mkl() if blas_choice(gpu) == "mkl" else None
     flags = cmake_flags(info, gpu, mkl_root, cuda_flags() if gpu else ())
     orig, debian = source_tarballs()
     key = build_key(orig, debian, info, flags)

@@ -1,17 +1,18 @@
 """Importing pycaffe and running Caffe's tools the same way everywhere: quiet glog by default, one
 clear error if missing, and OpenBLAS's fast kernels on CPUs it does not recognise. Also what the
-installed build is: its emotiw-build.json, its BLAS (OpenBLAS or Intel MKL), whether it has CUDA.
+installed build is: its emotiw-build.json, its BLAS (Intel MKL or OpenBLAS), whether it has CUDA.
 
 Debian 12's OpenBLAS (0.3.21, what libcaffe links) picks its kernels from the CPU model; on a CPU
 newer than itself (e.g. Intel family 6 model 207) it falls back to its generic SSE3 "Prescott"
 kernels, which ran Caffe's GEMM at 30 GFLOP/s where the AVX-512 ones reach 200 on the same two cores
 (bench/NOTES.md). OPENBLAS_CORETYPE tells it which kernels to use; it is read when the library is
 loaded, so it goes into os.environ before pycaffe is imported or a tool is started (the tools
-inherit it). A value the user set is never changed. A build with MKL (`CAFFE_BLAS=mkl make install`)
+inherit it). A value the user set is never changed. A build with MKL (the default on Intel CPUs)
 needs none of this: MKL picks its kernels from the CPU's instruction set.
 """
 
 import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -32,6 +33,8 @@ CORE_FOR_FLAGS = (  # the best kernel set each instruction set allows, best firs
 # The tools `make install` links into the venv's bin.
 CAFFE_TOOLS = ["caffe", "extract_features", "convert_imageset", "compute_image_mean",
                "upgrade_net_proto_text", "upgrade_net_proto_binary", "upgrade_solver_proto_text"]
+# What each BLAS reads its thread count from, when it is loaded.
+BLAS_THREADS_VARIABLES = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS"}
 CHECKED = "EMOTIW_OPENBLAS_CHECKED"  # set once asked, so that child processes do not ask again
 PROBE_CORE = ("import ctypes, sys; blas = ctypes.CDLL(sys.argv[1]); "
               "blas.openblas_get_corename.restype = ctypes.c_char_p; print(blas.openblas_get_corename().decode())")
@@ -52,9 +55,14 @@ def core_for_flags(flags):
 
 
 def libcaffe_path():
-    """libcaffe.so of the Caffe `make install` linked into this venv, or None."""
-    path = Path(sys.prefix) / "emotiw-caffe" / "lib" / "libcaffe.so"
-    return path if path.exists() else None
+    """The libcaffe that `import caffe` would load (the build `make install` linked into this venv, or
+    one put ahead of it on PYTHONPATH), from what pycaffe's _caffe module links; None without pycaffe."""
+    spec = importlib.util.find_spec("caffe")
+    if spec is None or spec.origin is None:
+        return None
+    module = next(iter(sorted(Path(spec.origin).parent.glob("_caffe*.so"))), None)
+    libraries = linked_libraries(module) if module else {}
+    return next((Path(path) for soname, path in libraries.items() if soname.startswith("libcaffe")), None)
 
 
 def caffe_build_info():
@@ -126,16 +134,41 @@ def tune_openblas():
     return None
 
 
-def caffe_openblas():
-    """The OpenBLAS library file libcaffe links, loaded in this process (with libcaffe), via ctypes."""
-    import_caffe()
-    path = caffe_openblas_path()
-    if path is None:
-        raise UserError("libcaffe does not link OpenBLAS here; the GEMM ceiling needs it")
-    library = ctypes.CDLL(path)
-    for name in ("openblas_get_config", "openblas_get_corename"):
-        getattr(library, name).restype = ctypes.c_char_p
-    return Path(path), library
+class CaffeBLAS:
+    """The BLAS libcaffe runs (OpenBLAS or Intel MKL), loaded in this process with pycaffe, through
+    ctypes: its cblas_sgemm, its thread count and the variable that sets it, what it says of itself."""
+
+    def __init__(self):
+        import_caffe()
+        mkl = caffe_mkl_path()
+        if mkl is not None:
+            self.mkl, self.path, self.library = True, Path(mkl), ctypes.CDLL(mkl)
+            version, self.core = mkl_version(mkl)
+            self.config = f"Intel MKL {version}"
+            return
+        path = caffe_openblas_path()
+        if path is None:
+            raise UserError("libcaffe links neither OpenBLAS nor Intel MKL here; run `make install` in the "
+                            "emotiw checkout")
+        self.mkl, self.path, self.library = False, Path(path), ctypes.CDLL(path)
+        for name in ("openblas_get_config", "openblas_get_corename"):
+            getattr(self.library, name).restype = ctypes.c_char_p
+        self.config = self.library.openblas_get_config().decode()
+        self.core = self.library.openblas_get_corename().decode()
+
+    @property
+    def threads_variable(self):
+        return BLAS_THREADS_VARIABLES["mkl" if self.mkl else "openblas"]
+
+    @property
+    def threads(self):
+        return self.library.MKL_Get_Max_Threads() if self.mkl else self.library.openblas_get_num_threads()
+
+    def set_threads(self, threads):
+        if self.mkl:
+            self.library.MKL_Set_Num_Threads(threads)
+        else:
+            self.library.openblas_set_num_threads(threads)
 
 
 def import_caffe():

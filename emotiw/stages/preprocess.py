@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emotiw.caffe.env import BLAS_THREADS_VARIABLES
 from emotiw.errors import UserError
 from emotiw.face.align import MODES, align_face, crop_mode, resize_whole
 from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY, find_faces
@@ -335,12 +336,13 @@ def process_item(item, out, settings, kind, progress=None):
 
 
 def limit_threads(threads):
-    """Each worker gets its share of the cores: N workers each running OpenCV's and OpenBLAS's
-    all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS reads its variable when
-    Caffe loads it, which happens later, in detector(); a value the user set is kept."""
+    """Each worker gets its share of the cores: N workers each running OpenCV's and the BLAS's
+    all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS and MKL read their variables
+    when Caffe loads them, which happens later, in detector(); a value the user set is kept."""
     import cv2
 
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    for variable in BLAS_THREADS_VARIABLES.values():
+        os.environ.setdefault(variable, str(threads))
     cv2.setNumThreads(threads)
 
 
