@@ -1,6 +1,7 @@
-"""The convolution of the installed Caffe (caffe_patches/0004: chunks of images per GEMM on the CPU)
-against an independent float64 formula on the layer shapes of our nets, and the patched build against
-the unpatched one on whole nets, forward and backward."""
+"""The convolution of the installed Caffe (caffe_patches/0004: chunks of images per GEMM on the CPU;
+0005: im2col and col2im by rows) against an independent float64 formula on the layer shapes of our
+nets, its im2col and col2im against numpy's, and the patched build against the one without our speed
+patches (0004, 0005) on whole nets, forward and backward."""
 
 import json
 import math
@@ -71,28 +72,86 @@ def layer_cases():
         yield pytest.param(geo, max(2, min(wanted, int(affordable))), id=where)
 
 
+def windows(kernel, stride, dilation, out):
+    """For each kernel position (i, j), the slices of the padded image its output columns read."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out
+    return [((i, j), (slice(i * dh, i * dh + sh * (oh - 1) + 1, sh), slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)))
+            for i in range(kh) for j in range(kw)]
+
+
+def unfold(x, kernel, stride, pad, dilation):
+    """im2col in numpy: the (n, c, kh, kw, oh, ow) columns of x, zeros where a kernel reads padding."""
+    n, c, h, w = x.shape
+    out = output_size(c, h, w, 0, kernel, stride, pad, dilation)
+    padded = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
+    cols = np.empty((n, c, *kernel, *out), x.dtype)
+    for (i, j), (rows, columns) in windows(kernel, stride, dilation, out):
+        cols[:, :, i, j] = padded[:, :, rows, columns]
+    return cols
+
+
+def fold(cols, shape, stride, pad, dilation):
+    """col2im in numpy, unfold's adjoint: each column's value added to the pixel it was read from."""
+    n, c, h, w = shape
+    kernel, out = cols.shape[2:4], cols.shape[4:]
+    padded = np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]), cols.dtype)
+    for (i, j), (rows, columns) in windows(kernel, stride, dilation, out):
+        padded[:, :, rows, columns] += cols[:, :, i, j]
+    return padded[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
+
+
 def reference(x, w, b, dy, stride, pad, dilation, group):
     """float64 convolution by unfolding (im2col) and its gradients: y, dx, dw, db."""
     n, c, h, wd = x.shape
     m, cg, kh, kw = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
     oh, ow = output_size(c, h, wd, m, (kh, kw), stride, pad, dilation)
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    cols = np.empty((n, c, kh, kw, oh, ow))
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = padded[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
-    cols = cols.reshape(n, group, cg * kh * kw, oh * ow)
+    cols = unfold(x, (kh, kw), stride, pad, dilation).reshape(n, group, cg * kh * kw, oh * ow)
     wg = w.reshape(group, m // group, cg * kh * kw)
     y = np.einsum("gmk,ngkp->ngmp", wg, cols, optimize=True).reshape(n, m, oh, ow) + b[:, None, None]
     dyg = dy.reshape(n, group, m // group, oh * ow)
     dw_ = np.einsum("ngmp,ngkp->gmk", dyg, cols, optimize=True).reshape(w.shape)
     dcols = np.einsum("gmk,ngmp->ngkp", wg, dyg, optimize=True).reshape(n, c, kh, kw, oh, ow)
-    dpadded = np.zeros_like(padded)
-    for i in range(kh):
-        for j in range(kw):
-            dpadded[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw] += dcols[:, :, i, j]
-    return y, dpadded[:, :, ph:ph + h, pw:pw + wd], dw_, dy.sum(axis=(0, 2, 3))
+    return y, fold(dcols, x.shape, stride, pad, dilation), dw_, dy.sum(axis=(0, 2, 3))
+
+
+@pytest.mark.parametrize("shape, kernel, pad, stride, dilation", [
+    ((2, 3, 9, 11), (3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1: whole rows copied between the padding
+    ((1, 2, 12, 12), (7, 7), (3, 3), (1, 1), (1, 1)),  # the 7x7 stems
+    ((1, 2, 6, 9), (3, 5), (2, 1), (1, 1), (2, 2)),  # dilated, a kernel wider than tall
+    ((1, 2, 4, 3), (3, 3), (4, 5), (1, 1), (1, 1)),  # padding wider than the image: rows of zeros only
+    ((2, 3, 9, 11), (3, 3), (1, 1), (2, 2), (1, 1)),  # stride 2: one column at a time
+    ((1, 2, 8, 9), (1, 3), (0, 1), (2, 1), (1, 1)),  # stride 1 across, 2 down
+])
+def test_im2col_and_col2im_move_every_value(shape, kernel, pad, stride, dilation, tmp_path):
+    """Caffe's Im2col layer runs im2col_cpu forward and col2im_cpu backward (caffe_patches/0005 copies
+    the rows of stride-1 kernels whole). Small whole numbers make every sum exact, so both must equal
+    numpy's unfold and fold exactly."""
+    from caffe import layers as L
+
+    from emotiw.caffe.env import import_caffe
+
+    caffe = import_caffe()
+    caffe.set_mode_cpu()
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(shape)))
+    n.cols = L.Im2col(n.data, convolution_param=dict(kernel_h=kernel[0], kernel_w=kernel[1], pad_h=pad[0],
+                                                     pad_w=pad[1], stride_h=stride[0], stride_w=stride[1],
+                                                     dilation=list(dilation)))
+    proto = n.to_proto()
+    proto.force_backward = True
+    path = tmp_path / "im2col.prototxt"
+    path.write_text(str(proto))
+    net = caffe.Net(str(path), caffe.TEST)
+    rng = np.random.default_rng(1)
+    x = rng.integers(-8, 9, shape).astype(np.float32)
+    net.blobs["data"].data[...] = x
+    cols = net.forward()["cols"]
+    expected = unfold(x, kernel, stride, pad, dilation)
+    assert np.array_equal(cols, expected.reshape(cols.shape))
+    dcols = rng.integers(-8, 9, cols.shape).astype(np.float32)
+    net.blobs["cols"].diff[...] = dcols
+    net.backward()
+    assert np.array_equal(net.blobs["data"].diff, fold(dcols.reshape(expected.shape), shape, stride, pad, dilation))
 
 
 def relative_error(ours, expected):
@@ -157,8 +216,8 @@ MKL_GRADIENT_TOLERANCE = 1e-2
 
 def build_pairs():
     """(patched, unpatched, flags) for the linked build's configuration and for the OpenBLAS CPU one:
-    the prefixes of the builds with all of caffe_patches/ and without 0004; a skip if neither pair is
-    in the cache."""
+    the prefixes of the builds with all of caffe_patches/ and without its SPEED_PATCHES; a skip if
+    neither pair is in the cache."""
     linked = json.loads((caffe_build.VENV / "emotiw-caffe" / "emotiw-build.json").read_text())["cmake_flags"]
     orig, debian = caffe_build.source_tarballs()
     info = caffe_build.venv_info()
@@ -167,7 +226,7 @@ def build_pairs():
         patched = caffe_build.build_key(orig, debian, info, list(flags))
         all_patches = caffe_build.our_patches
         try:
-            caffe_build.our_patches = lambda: [p for p in all_patches() if not p.name.startswith("0004-")]
+            caffe_build.our_patches = lambda: [p for p in all_patches() if p.name not in caffe_build.SPEED_PATCHES]
             unpatched = caffe_build.build_key(orig, debian, info, list(flags))
         finally:
             caffe_build.our_patches = all_patches
@@ -175,8 +234,8 @@ def build_pairs():
         if all((prefix / "emotiw-build.json").exists() for prefix in prefixes):
             pairs.append((*prefixes, flags))
     if not pairs:
-        pytest.skip("no patched and unpatched (caffe_patches/ without 0004) builds of one configuration in the "
-                    f"cache {caffe_build.cache_root()}: build the unpatched one with 0004 left out of "
+        pytest.skip("no patched and unpatched (caffe_patches/ without 0004 and 0005) builds of one configuration "
+                    f"in the cache {caffe_build.cache_root()}: build the unpatched one with those left out of "
                     "caffe_patches/series and `python3 tools/caffe_build.py build`")
     return pairs
 
