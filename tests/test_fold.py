@@ -182,9 +182,10 @@ def parse(text):
 
 @pytest.mark.parametrize("case, extra, keep, folded", [
     ("plain", "", (), ("bn", "scale")),
-    ("conv blob read twice", 'layer { name: "peek" type: "Power" bottom: "conv" top: "peek" }', (), ()),
+    # the convolution's output is needed as it is: the BatchNorm goes into the Scale instead
+    ("conv blob read twice", 'layer { name: "peek" type: "Power" bottom: "conv" top: "peek" }', (), ("bn",)),
     ("bn blob read twice", 'layer { name: "peek" type: "Power" bottom: "conv/bn" top: "peek" }', (), ("bn",)),
-    ("conv blob kept", "", ("conv",), ()),
+    ("conv blob kept", "", ("conv",), ("bn",)),
     ("bn blob kept", "", ("conv/bn",), ("bn",)),
     ("scale blob kept", "", ("conv/scale",), ("bn", "scale")),
 ])
@@ -192,6 +193,31 @@ def test_only_what_no_other_layer_sees_folds(tmp_path, case, extra, keep, folded
     deploy, _ = hand_net(tmp_path / "hand.prototxt", in_place=False, extra=extra)
     chains = find_chains(parse(deploy.read_text()), keep)
     assert tuple(name for chain in chains for name in chain.removed) == folded, case
+
+
+@pytest.mark.parametrize("bn_top", ["data", "bn"])
+def test_a_batch_norm_with_no_convolution_before_it_folds_into_its_scale(tmp_path, bn_top):
+    """As DenseNet's BatchNorm after a Concat: the Scale takes it in and reads the BatchNorm's bottom."""
+    deploy = tmp_path / "bn.prototxt"
+    deploy.write_text(f'''
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 2 dim: 1 dim: 3 }} }} }}
+layer {{ name: "bn" type: "BatchNorm" bottom: "data" top: "{bn_top}" batch_norm_param {{ use_global_stats: true }} }}
+layer {{ name: "scale" type: "Scale" bottom: "{bn_top}" top: "{bn_top}" scale_param {{ bias_term: true }} }}''')
+    net = caffe.Net(str(deploy), caffe.TEST)
+    for blob, values in [*zip(net.params["bn"], (MEAN, VAR, [FACTOR])), *zip(net.params["scale"], (GAMMA, BETA))]:
+        blob.data[...] = values
+    weights = tmp_path / "bn.caffemodel"
+    net.save(str(weights))
+    folded = PycaffeNet(deploy, weights)
+    assert [layer.type for layer in folded.net.layers] == ["Input", "Scale"]
+    assert folded.net.bottom_names["scale"] == ["data"] and folded.net.top_names["scale"] == [bn_top]
+    # by hand: gamma / sqrt(var + eps) = [0.5 / 2, 3 / 3]; beta - gamma mean / sqrt(var + eps) = [1 - 0.75, -1 + 1]
+    np.testing.assert_allclose(folded.net.params["scale"][0].data, [0.25, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(folded.net.params["scale"][1].data, [0.25, 0.0], atol=1e-5)
+    x = np.array([1.0, 2.0, -3.0, 0.5, 0.0, 4.0], dtype=np.float32).reshape(1, 2, 1, 3)
+    expected = [[0.5, 0.75, -0.5], [0.5, 0.0, 4.0]]  # 0.25 x + 0.25 and x
+    for each in (folded, PycaffeNet(deploy, weights, fold=False)):
+        np.testing.assert_allclose(each.forward(x, [bn_top])[bn_top].reshape(2, 3), expected, atol=1e-5)
 
 
 def test_batch_norm_with_its_own_statistics_or_a_blob_scale_does_not_fold(tmp_path):

@@ -13,6 +13,11 @@ BatchNorm stores mean and var multiplied by a moving-average factor (its third b
 them by it (0 stays 0), and so does this module. Without a Scale, gamma = 1 and beta = 0. The net then
 makes two passes less over every such activation.
 
+Where no such layer comes before (DenseNet's BatchNorm after a Concat), the BatchNorm goes into the
+Scale after it instead, which then reads the BatchNorm's bottom: with t = 1 / sqrt(var + eps),
+gamma' = gamma * t and beta' = beta - gamma * mean * t. Caffe's BatchNorm makes several passes (the mean and
+the variance are broadcast through GEMMs), so this takes out most of its time.
+
 A run folds only when the result cannot differ for any other layer: the BatchNorm (then the Scale)
 is the next layer of the net and the only one to read the blob before it (or reads it in place), the
 BatchNorm uses global statistics, the Scale has one bottom and one value per channel, and no layer
@@ -44,11 +49,12 @@ FOLDABLE = ("Convolution", "InnerProduct")
 
 @dataclass(frozen=True)
 class Chain:
-    layer: str             # the Convolution or InnerProduct that takes the others in
+    layer: str             # the Convolution or InnerProduct that takes the others in, or the Scale after the BatchNorm
     batch_norm: str
-    scale: Optional[str]   # None: the BatchNorm alone
+    scale: Optional[str]   # None: the BatchNorm alone (or the Scale is `layer`)
     eps: float
     top: str               # the blob the folded layer writes: the last top of the run
+    bottom: Optional[str] = None  # for a Scale as `layer`: the BatchNorm's bottom, which it reads instead
 
     @property
     def removed(self):
@@ -81,6 +87,11 @@ def _channel_scale(layer):
     return layer.type == "Scale" and param.axis == 1 and param.num_axes == 1
 
 
+def _shares_params(run, names):
+    """A layer of the run has weights by name, or a name another layer has: ambiguous or shared weights."""
+    return any(names[layer.name] > 1 or any(p.name for p in layer.param) for layer in run)
+
+
 def find_chains(net, keep=()):
     """The foldable runs of a NetParameter (its TEST-phase layers), in net order."""
     layers = [layer for layer in net.layer if runs_in_test(layer)]
@@ -99,11 +110,23 @@ def find_chains(net, keep=()):
         if (third is not None and _channel_scale(third) and _reads_last(third, top, reads)
                 and (third.top[0] == top or top not in keep)):
             run, top = [*run, third], third.top[0]
-        if top in first.bottom or any(names[layer.name] > 1 or any(p.name for p in layer.param) for layer in run):
-            continue  # it would read what it writes; or weights by name would be ambiguous or shared
+        if top in first.bottom or _shares_params(run, names):
+            continue  # it would read what it writes
         chains.append(Chain(layer=first.name, batch_norm=second.name, scale=third.name if len(run) == 3 else None,
                             eps=second.batch_norm_param.eps, top=top))
-    return chains
+    taken = {chain.batch_norm for chain in chains}
+    for first, second in zip(layers, layers[1:]):  # a BatchNorm into the Scale after it
+        if first.name in taken or not _global_batch_norm(first) or len(first.bottom) != 1 or len(first.top) != 1:
+            continue
+        blob = first.top[0]
+        if not (_channel_scale(second) and _reads_last(second, blob, reads)) or _shares_params([first, second], names):
+            continue
+        if second.top[0] != blob and blob in keep:
+            continue
+        chains.append(Chain(layer=second.name, batch_norm=first.name, scale=None, eps=first.batch_norm_param.eps,
+                            top=second.top[0], bottom=first.bottom[0]))
+    order = {layer.name: index for index, layer in enumerate(layers)}
+    return sorted(chains, key=lambda chain: order[chain.batch_norm])
 
 
 def fold_params(chains, params):
@@ -115,6 +138,11 @@ def fold_params(chains, params):
         factor = 0.0 if factor[0] == 0 else 1.0 / factor[0]
         scale = 1.0 / np.sqrt(var * factor + chain.eps)
         shift = -mean * factor * scale
+        if chain.bottom is not None:  # the Scale after the BatchNorm: gamma' = gamma s, beta' = gamma shift + beta
+            gamma, *beta = (np.asarray(blob, dtype=np.float64).ravel() for blob in params[chain.layer])
+            folded[chain.layer] = [(gamma * scale).astype(np.float32).reshape(np.shape(params[chain.layer][0])),
+                                   (gamma * shift + (beta[0] if beta else 0.0)).astype(np.float32)]
+            continue
         if chain.scale is not None:
             gamma, *beta = (np.asarray(blob, dtype=np.float64).ravel() for blob in params[chain.scale])
             scale, shift = scale * gamma, shift * gamma + (beta[0] if beta else 0.0)
@@ -135,6 +163,9 @@ def fold_net(net, chains):
         layer = folded.layer[index]
         if layer.name in removed:
             del folded.layer[index]
+        elif layer.name in by_layer and layer.type == "Scale":
+            layer.bottom[0] = by_layer[layer.name].bottom
+            layer.scale_param.bias_term = True
         elif layer.name in by_layer:
             layer.top[0] = by_layer[layer.name].top
             param = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
