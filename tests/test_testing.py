@@ -225,10 +225,12 @@ def test_auto_backend_follows_the_backbone(tmp_path):
     from emotiw import nets
 
     for name in nets.names():
-        expected = "pycaffe" if "ResNet" in nets.get(name).backbone or nets.get(name).paper == "features" else "opencv"
+        entry = nets.get(name)
+        expected = "opencv" if entry.backbone.startswith(("VGG-Face", "mini-Xception")) else "pycaffe"
         assert auto_backend(name) == expected
         assert auto_backend(REPO / "prototxt" / name / "deploy.prototxt") == expected  # a path names it too
-    assert {auto_backend("vgg_face"), auto_backend("dsn_resnet50")} == {"opencv", "pycaffe"}
+    assert (auto_backend("vgg_face"), auto_backend("dsn_resnet50"), auto_backend("sse_holonet_original")) == (
+        "opencv", "pycaffe", "pycaffe")
     deploy, _ = deploy_net(tmp_path / "my_own_net", side=32)
     assert auto_backend(deploy) == "pycaffe"
 

@@ -6,7 +6,7 @@ Stages, each a stage function of the API called in this process (the report list
                  speech in per-class voices (emotiw.demo.data)
   2. preprocess  MTCNN, main-subject tracking, `sse` alignment to small crops, lists, the train mean
   3. train       two SSE-HoloNet variants with the `caffe train` binary, few iterations
-  4. test        per-video testing of each model on val and test (`--backend auto`: OpenCV DNN here)
+  4. test        per-video testing of each model on val and test (`--backend auto`: pycaffe here)
   5. extract     each model's `prob` with Caffe's extract_features into LevelDB, then .mat (leveldb2mat)
   6. features    SSE's two other models: openSMILE functionals of the sound and LBP-TOP of the face
                  crops, each classified by a Caffe net (trained, then tested like the CNNs)
@@ -407,7 +407,7 @@ def accuracy_table(demo):
 
 def tested_backends(demo):
     """The backends `emotiw test --backend auto` ran, from the metrics it wrote."""
-    names = {"caffe": "pycaffe", "opencv": "OpenCV DNN"}
+    names = {"pycaffe": "pycaffe", "opencv": "OpenCV DNN"}
     used = {read_json(demo.test_dir(net, split) / "metrics.json")["config"]["backend"]
             for net in demo.config.nets for split in EVALUATED}
     return " and ".join(names[backend] for backend in sorted(used))

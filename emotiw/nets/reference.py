@@ -14,10 +14,11 @@ from emotiw.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOTXT_DIR = REPO / "prototxt"
-# The backend `make bench` measured faster on the CPU, per backbone (bench/NOTES.md): Caffe's
-# im2col + OpenBLAS GEMM for the ResNets' 1x1 and large-kernel convolutions, OpenCV's own 3x3
-# kernels for the others. Nets outside the registry run on pycaffe, the reference.
-FASTER_BACKEND = {"ResNet": "pycaffe", "VGG-Face": "opencv", "DenseNet": "opencv", "HoloNet": "opencv",
+# The backend `make bench` measured faster on the CPU at batch 1 and 32, per backbone (bench/NOTES.md
+# 20): pycaffe (our Caffe patches, MKL, BatchNorm folded) for the ResNets, DenseNet and HoloNet,
+# OpenCV's own 3x3 kernels for the VGG nets and mini-Xception. Nets outside the registry run on
+# pycaffe, the reference.
+FASTER_BACKEND = {"ResNet": "pycaffe", "VGG-Face": "opencv", "DenseNet": "pycaffe", "HoloNet": "pycaffe",
                   "mini-Xception": "opencv", "linear SVM": "pycaffe", "MLP": "pycaffe"}
 
 
