@@ -1,7 +1,7 @@
 """`make bench`: our speed next to what a user would pick instead, as ratios from one run.
 
 Rows (bench/results.md explains each): the machine's single-precision GEMM ceiling through the
-OpenBLAS that libcaffe links; MTCNN face detection against the `mtcnn` package (TensorFlow);
+BLAS that libcaffe links (MKL or OpenBLAS); MTCNN face detection against the `mtcnn` package (TensorFlow);
 preprocessing end to end; inference per deploy net with pycaffe and OpenCV DNN against PyTorch;
 SSE-HoloNet training with `caffe train` against PyTorch; feature export and fusion search.
 Every figure is the median of `repeats` timed runs after `warmup` untimed ones, with min and max.
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from emotiw import nets
-from emotiw.caffe.env import caffe_mkl_path, caffe_openblas, caffe_tool, import_caffe, mkl_version
+from emotiw.caffe.env import CHECKED as OPENBLAS_CHECKED, CaffeBLAS, caffe_tool, import_caffe
 from emotiw.caffe.runtime import load_net
 from emotiw.demo.scene import astronaut_head, coffee_background, paste
 from emotiw.errors import UserError
@@ -38,6 +38,7 @@ from emotiw.face.video import iter_frames, write_video
 from emotiw.formats.files import atomic_write_text
 from emotiw.stages import extract as features
 from emotiw.stages import fuse
+from tools.caffe_build import PYCAFFE_DIR, SPEED_PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = REPO / "bench" / "reference.py"
@@ -77,7 +78,7 @@ class Plan:
     rows: tuple = ROWS
     threads: int = os.cpu_count() or 1  # for every library on both sides
     quick: bool = False
-    baseline_caffe: str = None  # another Caffe build's prefix, measured beside ours (before a patch)
+    baselines: tuple = ()  # other Caffe builds' prefixes, measured beside ours (before a change)
 
 
 QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6,
@@ -153,34 +154,6 @@ class Reference:
 # ---------------------------------------------------------------------------------------------
 # 1. The machine: CPU, BLAS, GEMM ceiling
 
-class CaffeBLAS:
-    """The BLAS libcaffe runs (OpenBLAS or Intel MKL), loaded through ctypes: its cblas_sgemm, its
-    thread count, what it says of itself."""
-
-    def __init__(self):
-        import_caffe()
-        mkl = caffe_mkl_path()
-        if mkl is not None:
-            self.path, self.library, self.mkl = Path(mkl), ctypes.CDLL(mkl), True
-            version, isa = mkl_version(mkl)
-            self.config, self.core = f"Intel MKL {version}", isa
-        else:
-            self.path, self.library = caffe_openblas()
-            self.mkl = False
-            self.config = self.library.openblas_get_config().decode()
-            self.core = self.library.openblas_get_corename().decode()
-
-    @property
-    def threads(self):
-        return self.library.MKL_Get_Max_Threads() if self.mkl else self.library.openblas_get_num_threads()
-
-    def set_threads(self, threads):
-        if self.mkl:
-            self.library.MKL_Set_Num_Threads(threads)
-        else:
-            self.library.openblas_set_num_threads(threads)
-
-
 def machine_description():
     import cv2
 
@@ -197,7 +170,7 @@ def machine_description():
 
 
 def use_threads(threads):
-    """Sets the thread count of OpenBLAS (in this process and, by environment, in the Caffe tools
+    """Sets the thread count of libcaffe's BLAS (in this process and, by environment, in the Caffe tools
     and the reference side) and OpenCV; returns the machine description."""
     import cv2
 
@@ -252,7 +225,7 @@ def gemm_peak(plan, results, work):
 
 
 def bench_gemm(plan, results, work):
-    """GFLOP/s of one square SGEMM through libcaffe's OpenBLAS, and of a Caffe InnerProduct
+    """GFLOP/s of one square SGEMM through libcaffe's BLAS, and of a Caffe InnerProduct
     forward of the same size (the same sgemm behind a Caffe layer), against the computed peak."""
     size = plan.gemm_size
     blas = CaffeBLAS().library
@@ -481,27 +454,40 @@ def write_deploy(name, work):
     return net_param, deploy, weights
 
 
-PYCAFFE_DIR = "lib/python3/dist-packages"  # below a build's prefix (tools/caffe_build.py)
+def baseline_name(prefix):
+    """What a baseline build is, from its emotiw-build.json: which of our speed patches it has, its BLAS."""
+    build = json.loads((Path(prefix) / "emotiw-build.json").read_text())
+    speed = [patch[:4] for patch in SPEED_PATCHES if patch in build["patches"]]
+    blas = "MKL" if "-DBLAS=MKL" in build["cmake_flags"] else "OpenBLAS"
+    return f"{'with ' + ' + '.join(speed) if speed else 'BVLC CPU layers'}, {blas} ({Path(prefix).name})"
 
 
-def baseline_name(plan):
-    return f"BVLC convolution ({Path(plan.baseline_caffe).name})"
+def baseline_env(prefix):
+    """The environment that runs the build at prefix: its pycaffe first on PYTHONPATH, and the OpenBLAS
+    kernels its own library needs (asked under that pycaffe: ours may be MKL and have chosen none)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(prefix) / PYCAFFE_DIR), str(REPO)]))
+    env.pop(OPENBLAS_CHECKED, None)
+    done = subprocess.run([sys.executable, "-m", "emotiw.caffe.env", "openblas-coretype"], env=env, cwd=REPO,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"the baseline Caffe at {prefix} does not load: {done.stderr.strip().splitlines()[-1:]}")
+    if done.stdout.strip():
+        env["OPENBLAS_CORETYPE"] = done.stdout.strip()
+    return env
 
 
-def baseline_rates(plan, deploy, weights, batch, size):
-    """pycaffe images/s of the baseline build (bench/baseline.py in a process of its own)."""
-    prefix = Path(plan.baseline_caffe)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(prefix / PYCAFFE_DIR), str(REPO)]))
+def baseline_rates(prefix, plan, deploy, weights, batch, size):
+    """(pycaffe images/s, its BLAS) of a baseline build (bench/baseline.py in a process of its own)."""
     job = {"deploy": str(deploy), "weights": str(weights), "batch": batch, "size": size, "fold": True,
            "repeats": plan.repeats, "warmup": plan.warmup}
-    done = subprocess.run([sys.executable, "-m", "bench.baseline", json.dumps(job)], env=env, cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bench.baseline", json.dumps(job)], env=baseline_env(prefix),
+                          cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"the baseline Caffe at {prefix} failed: {done.stderr.strip().splitlines()[-1:]}")
     answer = json.loads(done.stdout.strip().splitlines()[-1])
-    if not Path(answer["caffe"]).resolve().is_relative_to(prefix.resolve()):
+    if not Path(answer["caffe"]).resolve().is_relative_to(Path(prefix).resolve()):
         raise UserError(f"--baseline-caffe {prefix}: the baseline ran {answer['caffe']} instead")
-    return answer["rates"]
+    return answer["rates"], answer["blas"]
 
 
 def runtime_forward(backend, deploy, weights, batch, size, fold=True):
@@ -532,9 +518,10 @@ def bench_inference(plan, results, reference, work, ceiling):
                                   fraction_of_gemm_ceiling=fraction)
                 if fold:  # the ratios compare what emotiw runs
                     rows[impl] = row
-            if plan.baseline_caffe:
-                results.add("inference", label, f"pycaffe, {baseline_name(plan)}",
-                            baseline_rates(plan, deploy, weights, batch, size), "images/s", **extra)
+            for prefix in plan.baselines:
+                rates, blas = baseline_rates(prefix, plan, deploy, weights, batch, size)
+                results.add("inference", label, f"pycaffe, {baseline_name(prefix)}", rates, "images/s",
+                            **extra, blas=blas)
             references = [("PyTorch, same net", {"net": str(deploy.with_suffix(".json"))})]
             if backbone:
                 references.append((f"PyTorch torchvision {backbone}", {"torchvision": backbone, "classes": 7}))
@@ -578,12 +565,12 @@ SOLVER = {"base_lr": 0.001, "momentum": 0.9, "weight_decay": 0.0002}
 ITERATION_LINE = re.compile(r"^I\d+ (\d\d):(\d\d):(\d\d\.\d+) .*Iteration (\d+) \(.*\), loss = ")
 
 
-def caffe_train_rates(solver_path, batch, plan, binary=None):
+def caffe_train_rates(solver_path, batch, plan, binary=None, env=None):
     """images/s of each `caffe train` iteration, from glog's timestamps of the per-iteration
-    display lines (display: 1), the first `warmup` iterations left out; `binary`: another build's
-    caffe (default ours)."""
+    display lines (display: 1), the first `warmup` iterations left out; `binary` and `env`: another
+    build's caffe and the environment it runs in (default ours)."""
 
-    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
+    env = dict(env or os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
     done = subprocess.run([binary or caffe_tool("caffe"), "train", "--solver", str(solver_path)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -610,10 +597,10 @@ def bench_training(plan, results, reference, work):
                       "solver_mode: CPU\nrandom_seed: 0\n")
     label = f"{TRAIN_NET} {size}px, batch {batch}"
     ours = results.add("training", label, "caffe train", caffe_train_rates(solver, batch, plan), "images/s")
-    if plan.baseline_caffe:
-        binary = str(Path(plan.baseline_caffe) / "bin" / "caffe")
-        results.add("training", label, f"caffe train, {baseline_name(plan)}",
-                    caffe_train_rates(solver, batch, plan, binary), "images/s")
+    for prefix in plan.baselines:
+        results.add("training", label, f"caffe train, {baseline_name(prefix)}",
+                    caffe_train_rates(solver, batch, plan, str(Path(prefix) / "bin" / "caffe"), baseline_env(prefix)),
+                    "images/s")
     ref = reference.run("train", label=label, net=str(folder / "train.json"), batch=batch, size=size,
                         solver=SOLVER, repeats=plan.repeats, warmup=plan.warmup)
     if ref:
@@ -801,9 +788,10 @@ def register(subparsers):
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (at least 5)")
     parser.add_argument("--reference-python", default=str(REFERENCE_PYTHON),
                         help="Python of the bench environment (default: bench/.venv-ref/bin/python)")
-    parser.add_argument("--baseline-caffe", metavar="PREFIX",
+    parser.add_argument("--baseline-caffe", metavar="PREFIX", action="append", default=[],
                         help="another Caffe build (a ~/.cache/emotiw/caffe-<key> folder, e.g. without our "
-                             "convolution patch), measured beside ours in the inference and training rows")
+                             "convolution patch, or with the other BLAS), measured beside ours in the inference "
+                             "and training rows; give it again for more builds")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for BLAS, OpenCV, PyTorch and TensorFlow (default: all cores)")
     parser.set_defaults(func=run)
@@ -832,11 +820,11 @@ def plan_from(args):
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     plan.threads = args.threads
-    if args.baseline_caffe:
-        if not (Path(args.baseline_caffe) / "emotiw-build.json").is_file():
-            raise UserError(f"--baseline-caffe {args.baseline_caffe}: not a Caffe build of tools/caffe_build.py "
+    for prefix in args.baseline_caffe:
+        if not (Path(prefix) / "emotiw-build.json").is_file():
+            raise UserError(f"--baseline-caffe {prefix}: not a Caffe build of tools/caffe_build.py "
                             "(no emotiw-build.json); give a ~/.cache/emotiw/caffe-<key> folder")
-        plan.baseline_caffe = str(Path(args.baseline_caffe).resolve())
+    plan.baselines = tuple(str(Path(prefix).resolve()) for prefix in args.baseline_caffe)
     return plan
 
 
