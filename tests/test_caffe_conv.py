@@ -137,11 +137,7 @@ def test_im2col_and_col2im_move_every_value(shape, kernel, pad, stride, dilation
     n.cols = L.Im2col(n.data, convolution_param=dict(kernel_h=kernel[0], kernel_w=kernel[1], pad_h=pad[0],
                                                      pad_w=pad[1], stride_h=stride[0], stride_w=stride[1],
                                                      dilation=list(dilation)))
-    proto = n.to_proto()
-    proto.force_backward = True
-    path = tmp_path / "im2col.prototxt"
-    path.write_text(str(proto))
-    net = caffe.Net(str(path), caffe.TEST)
+    net = backward_net(caffe, n, tmp_path)
     rng = np.random.default_rng(1)
     x = rng.integers(-8, 9, shape).astype(np.float32)
     net.blobs["data"].data[...] = x
@@ -152,6 +148,15 @@ def test_im2col_and_col2im_move_every_value(shape, kernel, pad, stride, dilation
     net.blobs["cols"].diff[...] = dcols
     net.backward()
     assert np.array_equal(net.blobs["data"].diff, fold(dcols.reshape(expected.shape), shape, stride, pad, dilation))
+
+
+def backward_net(caffe, spec, tmp_path):
+    """The pycaffe net of a NetSpec, with gradients down to its input (pycaffe reads nets from files)."""
+    proto = spec.to_proto()
+    proto.force_backward = True
+    path = tmp_path / "net.prototxt"
+    path.write_text(str(proto))
+    return caffe.Net(str(path), caffe.TEST)
 
 
 def relative_error(ours, expected):
@@ -172,11 +177,7 @@ def test_convolution_matches_the_float64_formula(geo, batch, tmp_path):
     n.conv = L.Convolution(n.data, num_output=m, kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0],
                            stride_w=stride[1], pad_h=pad[0], pad_w=pad[1], dilation=list(dilation), group=group,
                            bias_term=bias)
-    proto = n.to_proto()
-    proto.force_backward = True
-    path = tmp_path / "conv.prototxt"
-    path.write_text(str(proto))
-    net = caffe.Net(str(path), caffe.TEST)
+    net = backward_net(caffe, n, tmp_path)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
     weights = net.params["conv"][0].data

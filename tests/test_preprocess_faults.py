@@ -271,7 +271,10 @@ def test_a_stopped_run_stops_its_workers_at_once_and_a_rerun_resumes(clips, refe
     workers running; now: exit 143 (130 for Ctrl-C), one line, no process left, and a rerun ends
     as an uninterrupted run does."""
     out = tmp_path / "out"
-    with two_workers_at_work(clips, out, start_new_session=True) as (process, _):
+    # as a terminal's foreground job: Ctrl-C acts even when this test runs with SIGINT ignored
+    # (`make test &` in a script, or under nohup), which the run would inherit
+    as_foreground = dict(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with two_workers_at_work(clips, out, start_new_session=True, **as_foreground) as (process, _):
         if how.startswith("SIGTERM"):
             process.send_signal(signal.SIGTERM)
         else:  # the terminal sends Ctrl-C to every process of the foreground group
