@@ -193,15 +193,21 @@ def sgemm(blas, a, b, c):
 FMA_UNITS = 2  # 512-bit FMA units per core of the Xeons with AVX-512 we run on (Gold and Platinum)
 
 
-def clock_hz(work):
-    """One core's clock, measured 5 times (bench/clock.c, compiled here), or None without a C compiler."""
+def run_c(work, name, flags, *args):
+    """The numbers bench/NAME.c prints, one per line (compiled here with cc and flags), or None
+    without a C compiler."""
     compiler = shutil.which("cc")
     if compiler is None:
         return None
-    binary = Path(work) / "clock"
-    subprocess.run([compiler, "-O1", "-o", str(binary), str(REPO / "bench" / "clock.c")], check=True)
-    return [float(line) for line in subprocess.run([str(binary)], check=True, capture_output=True,
+    binary = Path(work) / name
+    subprocess.run([compiler, *flags, "-o", str(binary), str(REPO / "bench" / f"{name}.c")], check=True)
+    return [float(line) for line in subprocess.run([str(binary), *args], check=True, capture_output=True,
                                                    text=True).stdout.split()]
+
+
+def clock_hz(work):
+    """One core's clock, measured 5 times (bench/clock.c), or None without a C compiler."""
+    return run_c(work, "clock", ["-O1"])
 
 
 def flops_per_cycle():
@@ -224,24 +230,46 @@ def gemm_peak(plan, results, work):
     return row["median"]
 
 
+def fma_peak(plan, results, work):
+    """The fp32 FMA throughput the cores reach under vector load (bench/fma.c: 12 independent FMA
+    chains per thread), in GFLOP/s: the computed peak's check, at the clock vector code really gets."""
+    cores = min(len(os.sched_getaffinity(0)), plan.threads)
+    try:
+        measured = run_c(work, "fma", ["-O2", "-march=native", "-pthread"], str(cores))
+    except subprocess.CalledProcessError:  # a CPU without FMA: fma.c does not compile
+        measured = None
+    if measured is None:
+        results.skipped.append("gemm: measured FMA peak (needs cc and a CPU with FMA)")
+        return None
+    bits, *rates = measured
+    row = results.add("gemm", "measured FMA peak", f"{cores} threads x 12 chains of {bits:.0f}-bit FMAs",
+                      [rate / 1e9 for rate in rates], "GFLOP/s")
+    return row["median"]
+
+
 def bench_gemm(plan, results, work):
     """GFLOP/s of one square SGEMM through libcaffe's BLAS, and of a Caffe InnerProduct
-    forward of the same size (the same sgemm behind a Caffe layer), against the computed peak."""
+    forward of the same size (the same sgemm behind a Caffe layer), against the computed and the
+    measured peak."""
     size = plan.gemm_size
     blas = CaffeBLAS().library
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     c = np.empty((size, size), np.float32)
     flops = 2 * size ** 3 / 1e9
-    peak = gemm_peak(plan, results, work)
+    peaks = {"fraction_of_peak": gemm_peak(plan, results, work),
+             "fraction_of_measured_peak": fma_peak(plan, results, work)}
+
+    def fractions(rates):
+        return {key: statistics.median(rates) / peak for key, peak in peaks.items() if peak}
+
     rates = measure(lambda: sgemm(blas, a, b, c), flops, plan)
-    fraction = {"fraction_of_peak": statistics.median(rates) / peak} if peak else {}
-    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "libcaffe's BLAS (ctypes)", rates, "GFLOP/s", **fraction)
+    ceiling = results.add("gemm", f"sgemm {size}x{size}x{size}", "libcaffe's BLAS (ctypes)", rates, "GFLOP/s",
+                          **fractions(rates))
     net = inner_product_net(size)
     net.blobs["data"].data[...] = a
     rates = measure(net.forward, flops, plan)
-    fraction = {"fraction_of_peak": statistics.median(rates) / peak} if peak else {}
-    results.add("gemm", f"InnerProduct {size}->{size}, batch {size}", "pycaffe", rates, "GFLOP/s", **fraction)
+    results.add("gemm", f"InnerProduct {size}->{size}, batch {size}", "pycaffe", rates, "GFLOP/s", **fractions(rates))
     return ceiling["median"]
 
 
@@ -723,6 +751,8 @@ def markdown(report):
             notes.append(f"{row['gflop_per_image']:.2f} GFLOP/image")
         if row.get("fraction_of_peak") is not None:
             notes.append(f"{100 * row['fraction_of_peak']:.0f}% of the computed peak")
+        if row.get("fraction_of_measured_peak") is not None:
+            notes.append(f"{100 * row['fraction_of_measured_peak']:.0f}% of the measured FMA peak")
         if row.get("fraction_of_gemm_ceiling") is not None:
             notes.append(f"{100 * row['fraction_of_gemm_ceiling']:.0f}% of GEMM ceiling")
         if row.get("coverage") is not None:
