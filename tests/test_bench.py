@@ -121,11 +121,15 @@ def test_gemm_is_set_against_the_peak_computed_from_the_measured_clock(quick_rep
     assert 0.5 < clock < 7  # a real clock, not the 3-adds-a-cycle figure of adds of a constant
     assert peak["median"] == pytest.approx(clock * 1e9 * 64 * report["machine"]["blas_threads"] / 1e9, rel=0.01) \
         or "x 32 FLOP/cycle" in peak["impl"]
-    measured = rows.pop("measured FMA peak")
-    # the FMA chains cannot beat the clock's arithmetic, and reach most of it (the vector clock)
-    assert 0.5 * peak["median"] < measured["median"] < 1.1 * peak["median"]
+    measured = rows.pop("measured FMA peak", None)
+    if measured is None:  # a CPU without FMA
+        assert any("measured FMA peak" in line for line in report["skipped"])
+    else:  # the chains cannot beat the clock's arithmetic; they reach a good part of it (a lower
+        # vector clock, or 512-bit FMAs in two halves as on AMD's Zen 4)
+        assert 0.3 * peak["median"] < measured["median"] < 1.1 * peak["median"]
     for row in rows.values():
         assert row["fraction_of_peak"] == pytest.approx(row["median"] / peak["median"])
         assert 0 < row["fraction_of_peak"] < 1.1
-        assert row["fraction_of_measured_peak"] == pytest.approx(row["median"] / measured["median"])
-        assert row["median"] < 1.05 * measured["median"]  # no GEMM beats the FMA units
+        if measured is not None:
+            assert row["fraction_of_measured_peak"] == pytest.approx(row["median"] / measured["median"])
+            assert row["median"] < 1.05 * measured["median"]  # no GEMM beats the FMA units
