@@ -5,8 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-from emotiw.caffe.env import (CAFFE_TOOLS, caffe_openblas_path, find_tool, linked_libraries, mkl_version,
-                              openblas_core, tune_openblas)
+from emotiw.caffe.env import (CAFFE_TOOLS, caffe_openblas_path, find_tool, linked_libraries, mkl_runtime,
+                              mkl_version, openblas_core, tune_openblas)
 
 FIX_INSTALL = "run `make install` in the emotiw checkout"
 
@@ -48,8 +48,7 @@ def collect():
         facts.append(("caffe patches", ", ".join(info.get("patches", [])) or "?"))
         libcaffe = next(iter(sorted((prefix / "lib").glob("libcaffe.so*"))), None)
         libraries = linked_libraries(libcaffe) if libcaffe else {}
-        mkl = next((os.path.realpath(path) for soname, path in libraries.items() if soname.startswith("libmkl_rt")),
-                   None)
+        mkl = mkl_runtime(libraries)
         if mkl:  # MKL's runtime first: other libraries may bring an OpenBLAS that Caffe does not call
             version, kernels = mkl_version(mkl)
             blas = f"Intel MKL {version} {library_version(libraries, 'libmkl_rt')}"

@@ -77,13 +77,20 @@ def linked_libraries(path):
     return dict(re.findall(r"^\s*(\S+) => (\S+)", result.stdout, re.MULTILINE))
 
 
+def mkl_runtime(libraries):
+    """The MKL runtime (libmkl_rt) among a library's {soname: path} dependencies, or None."""
+    return next((os.path.realpath(path) for soname, path in libraries.items() if soname.startswith("libmkl_rt")),
+                None)
+
+
 def caffe_openblas_path():
     """The OpenBLAS file libcaffe links (Debian's libblas.so.3 alternative resolves to one), or None:
     also for an MKL build, whose BLAS calls go to MKL even where another library brings OpenBLAS."""
     libcaffe = libcaffe_path()
-    if libcaffe is None or caffe_mkl_path() is not None:
+    libraries = linked_libraries(libcaffe) if libcaffe else {}
+    if not libraries or mkl_runtime(libraries) is not None:
         return None
-    resolved = [os.path.realpath(path) for path in linked_libraries(libcaffe).values()]
+    resolved = [os.path.realpath(path) for path in libraries.values()]
     return next((path for path in resolved if Path(path).name.startswith("libopenblas")),
                 next((path for path in resolved if "openblas" in path), None))
 
@@ -91,10 +98,7 @@ def caffe_openblas_path():
 def caffe_mkl_path():
     """The MKL runtime (libmkl_rt) libcaffe links, or None (an OpenBLAS build)."""
     libcaffe = libcaffe_path()
-    if libcaffe is None:
-        return None
-    return next((os.path.realpath(path) for soname, path in linked_libraries(libcaffe).items()
-                 if soname.startswith("libmkl_rt")), None)
+    return mkl_runtime(linked_libraries(libcaffe)) if libcaffe else None
 
 
 class MKLVersion(ctypes.Structure):
@@ -136,7 +140,7 @@ def tune_openblas():
 
 class CaffeBLAS:
     """The BLAS libcaffe runs (OpenBLAS or Intel MKL), loaded in this process with pycaffe, through
-    ctypes: its cblas_sgemm, its thread count and the variable that sets it, what it says of itself."""
+    ctypes: its cblas_sgemm, its thread count, what it says of itself."""
 
     def __init__(self):
         import_caffe()
@@ -155,10 +159,6 @@ class CaffeBLAS:
             getattr(self.library, name).restype = ctypes.c_char_p
         self.config = self.library.openblas_get_config().decode()
         self.core = self.library.openblas_get_corename().decode()
-
-    @property
-    def threads_variable(self):
-        return BLAS_THREADS_VARIABLES["mkl" if self.mkl else "openblas"]
 
     @property
     def threads(self):
