@@ -28,10 +28,10 @@ bench/.venv-ref/bin/python:
 bench: bench/.venv-ref/bin/python
 	$(VENV)/bin/python -m bench.bench $(ARGS)
 
-MODE ?= dsn
+RECIPE ?= dsn
 preprocess:
-	@test -n "$(VIDEOS)" -a -n "$(OUT)" || { echo "usage: make preprocess VIDEOS=DIR OUT=DIR [MODE=dsn|sse] [ARGS='--workers 4 --lmdb']" >&2; exit 2; }
-	$(EMOTIW) preprocess --videos "$(VIDEOS)" --out "$(OUT)" --mode $(MODE) $(ARGS)
+	@test -n "$(VIDEOS)" -a -n "$(OUT)" || { echo "usage: make preprocess VIDEOS=DIR OUT=DIR [RECIPE=dsn|sse] [ARGS='--workers 4 --lmdb']" >&2; exit 2; }
+	$(EMOTIW) preprocess --videos "$(VIDEOS)" --out "$(OUT)" --recipe $(RECIPE) $(ARGS)
 
 # Builds the CPU image (and its Debian base where it cannot be pulled) and runs doctor, preprocess
 # and test inside it; needs a running Docker daemon. About 20 minutes on 2 cores, so not in `make test`.

@@ -31,8 +31,9 @@ import numpy as np
 from emotiw import nets
 from emotiw.caffe.env import CHECKED as OPENBLAS_CHECKED, CaffeBLAS, caffe_tool, import_caffe
 from emotiw.caffe.runtime import load_net
-from emotiw.demo.scene import astronaut_head, coffee_background, paste
+from testmedia.scene import astronaut_head, coffee_background, paste
 from emotiw.errors import UserError
+from emotiw.execution import limit_threads
 from emotiw.face.mtcnn import FaceDetector, overlaps
 from emotiw.face.video import iter_frames, write_video
 from emotiw.formats.files import atomic_write_text
@@ -172,12 +173,10 @@ def machine_description():
 def use_threads(threads):
     """Sets the thread count of libcaffe's BLAS (in this process and, by environment, in the Caffe tools
     and the reference side) and OpenCV; returns the machine description."""
-    import cv2
-
-    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "BENCH_THREADS"):
+    limit_threads(threads, keep_set=False)  # the BLAS's variables and OpenCV, as a stage's workers set them
+    for name in ("OMP_NUM_THREADS", "BENCH_THREADS"):  # PyTorch's and TensorFlow's, on the reference side
         os.environ[name] = str(threads)
     CaffeBLAS().set_threads(threads)
-    cv2.setNumThreads(threads)
     return machine_description()
 
 
@@ -368,7 +367,7 @@ def bench_preprocess(plan, results, work):
         def run_once():
             out = work / f"preprocessed_{workers}_{next(outs)}"
             command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(videos.parent),
-                       "--out", str(out), "--mode", "sse", "--workers", str(workers)]
+                       "--out", str(out), "--recipe", "sse", "--workers", str(workers)]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         results.add("preprocess", f"{plan.preprocess_clips} clips 640x360, {total} frames", f"{workers} worker(s)",
                     measure(run_once, total, plan), "frames/s")
@@ -390,11 +389,11 @@ def footage_coverage(manifest, reference_faces):
 
 def bench_footage(plan, results, reference, work):
     """`emotiw preprocess` end to end on real footage, per --mode and --detect, in a fresh process:
-    emotiw.demo.footage.carphone_with_cuts (the carphone talking head, 4 shots, hard cuts to 4
+    testmedia.footage.carphone_with_cuts (the carphone talking head, 4 shots, hard cuts to 4
     face-free shots of real footage). Beside it the `mtcnn` package on the same decoded frames,
     detection only, whose faces give the coverage (without the bench environment: our every-frame
     detections, which equal the package's)."""
-    from emotiw.demo import footage
+    from testmedia import footage
 
     width, height = plan.footage_size
     frames, _ = footage.carphone_with_cuts(width, height)
@@ -417,7 +416,7 @@ def bench_footage(plan, results, reference, work):
         def run_once():
             out = work / f"footage_{mode}_{detect}_{next(runs)}"
             command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(videos),
-                       "--out", str(out), "--mode", mode, "--detect", detect]
+                       "--out", str(out), "--recipe", mode, "--detect", detect]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if "out" in last:
                 shutil.rmtree(last["out"])

@@ -13,13 +13,13 @@ for cert in ${EMOTIW_CA_CERTS:-/usr/local/share/ca-certificates/*.crt}; do
     cp "$cert" docker/ca-certificates/ && added="$added docker/ca-certificates/$(basename "$cert")"
 done
 trap 'rm -f $added' EXIT
-docker build --network host -f docker/cpu/Dockerfile -t "$IMAGE" .
+docker build --network host -f docker/Dockerfile -t "$IMAGE" .
 work=$(mktemp -d)
 trap 'rm -f $added; rm -rf "$work"' EXIT
 run() { docker run --rm --network none -u "$(id -u):$(id -g)" -v "$work:/data" "$IMAGE" "$@"; }
 run doctor
 run demo-data --out /data/clips --clips-per-class 1,1,2 --frames 4
-run preprocess --videos /data/clips/test --split test --out /data/faces --mode sse --size 64
+run preprocess --videos /data/clips/test --split test --out /data/faces --recipe sse --size 64
 run test --net fer2013_mini_xception --weights /opt/emotiw/models/fer/fer2013_mini_xception.caffemodel \
     --videos /data/faces/lists/test_videos.txt --out /data/scores
 test -s "$work/scores/metrics.json" && test -s "$work/scores/predictions.csv"

@@ -1,11 +1,11 @@
-"""Classification metrics and their pictures, shared by `test`, `fuse` and the demo report."""
+"""Classification metrics and their pictures, shared by `test`, `score-features`, `fuse` and the demo report."""
 
 import json
 import re
 
 import numpy as np
 
-from emotiw import EMOTIONS
+from emotiw import EMOTIONS, NO_LABEL
 from emotiw.formats.files import atomic_path
 
 
@@ -24,6 +24,35 @@ def classification_metrics(labels, predictions, num_classes=len(EMOTIONS)):
         "macro_f1": float(f1.mean()),
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def clip_metrics(labels, clip_scores, faces):
+    """metrics.json's scores, over the labelled clips; None when the list has no label. `faces`: the
+    face frames of each clip (0 for a clip scored with the fallback)."""
+    labelled = labels != NO_LABEL
+    if not labelled.any():
+        return None
+    predictions = clip_scores.argmax(axis=1)
+    metrics = classification_metrics(labels[labelled], predictions[labelled])
+    with_face = labelled & (faces > 0)
+    metrics["accuracy_with_faces"] = (float((predictions[with_face] == labels[with_face]).mean())
+                                      if with_face.any() else None)
+    metrics["labelled_clips"] = int(labelled.sum())
+    metrics["labelled_clips_with_faces"] = int(with_face.sum())
+    return metrics
+
+
+def metrics_line(metrics):
+    """One line of a test's figures, for the terminal."""
+    parts = [f"{metrics['clips']} clips ({metrics['fallback_clips']} without a face)"]
+    if metrics["accuracy"] is not None:
+        parts.append(f"accuracy {metrics['accuracy']:.4f}")
+        if metrics["accuracy_with_faces"] is not None:
+            parts.append(f"on clips with faces {metrics['accuracy_with_faces']:.4f}")
+        parts.append(f"macro F1 {metrics['macro_f1']:.4f}")
+    else:
+        parts.append("no labels: accuracy not computed")
+    return ", ".join(parts)
 
 
 def plot_confusion(confusion, path, title):

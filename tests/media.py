@@ -5,7 +5,7 @@ ground-truth face boxes it drew, so tests can check what the pipeline found.
 
 import numpy as np
 
-from emotiw.demo.scene import astronaut_head, coffee_background, paste  # noqa: F401  (tests paste too)
+from testmedia.scene import astronaut_head, coffee_background, paste  # noqa: F401  (tests paste too)
 from emotiw.face.video import write_video
 
 WIDTH, HEIGHT = 320, 240

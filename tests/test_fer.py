@@ -2,7 +2,6 @@
 original's probabilities on real face crops (tests/fixtures/make_fer_fixtures.py), in our class
 order, and usable by `emotiw test` like every registered net."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from emotiw import EMOTIONS
 from emotiw.caffe.runtime import OpenCVNet, PycaffeNet
 from emotiw.errors import UserError
 from emotiw.nets import fer
+from helpers import fer_fixtures
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fer"
 DEPLOY = Path(__file__).resolve().parents[1] / "prototxt" / fer.NAME / "deploy.prototxt"
@@ -25,15 +25,9 @@ def caffemodel(tmp_path_factory):
         pytest.skip(str(error))
 
 
-def fixtures():
-    faces = np.load(FIXTURES / "inputs.npz")["faces"]
-    keras = np.array(json.loads((FIXTURES / "keras.json").read_text())["probabilities"])
-    return faces, keras
-
-
 @pytest.mark.parametrize("runtime", [PycaffeNet, OpenCVNet])
 def test_the_converted_model_gives_the_keras_probabilities_in_our_class_order(caffemodel, runtime):
-    faces, keras = fixtures()
+    faces, keras = fer_fixtures()
     batch = ((faces.astype(np.float32) - 127.5) / 127.5)[:, None]  # the data layer: mean 127.5, scale 1/127.5
     prob = runtime(DEPLOY, caffemodel).forward(batch, ["prob"])["prob"].reshape(len(faces), -1)
     in_our_order = keras[:, [fer.FER2013_ORDER.index(emotion) for emotion in EMOTIONS]]
@@ -63,7 +57,7 @@ def test_emotiw_test_scores_real_faces_with_it(caffemodel, tmp_path):
     import cv2
 
     import emotiw
-    from emotiw.demo import footage
+    from testmedia import footage
 
     try:
         source = footage.footage_dir() / "carphone_pristine.mp4"
@@ -71,7 +65,7 @@ def test_emotiw_test_scores_real_faces_with_it(caffemodel, tmp_path):
         pytest.skip(str(error))
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "carphone.mp4").write_bytes(source.read_bytes())
-    prep = emotiw.preprocess(tmp_path / "faces", videos=tmp_path / "clips", mode="sse", size=64, gray=True,
+    prep = emotiw.preprocess(tmp_path / "faces", videos=tmp_path / "clips", recipe="sse", size=64, gray=True,
                              every=30)
     result = emotiw.test(fer.NAME, caffemodel, prep.out / "lists" / "clips_videos.txt", tmp_path / "scores")
     frames = [row for row in (tmp_path / "scores" / "frames.csv").read_text().splitlines()[1:]]

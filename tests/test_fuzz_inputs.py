@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from test_preprocess import read_csv
+from helpers import read_csv
 
 from emotiw import EMOTIONS
-from emotiw.demo.footage import footage_dir
+from testmedia.footage import footage_dir
 from emotiw.errors import UserError
 from emotiw.face.video import write_video
 from emotiw.formats.lists import item_key, parse_label, read_label_file, read_list
@@ -63,7 +63,7 @@ def fuzzed(tmp_path_factory):
 def test_damaged_clips_give_frames_or_one_error_line_each(fuzzed, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(fuzzed), "--out",
-                             str(out), "--mode", "sse", "--every", "1000", "--shot-threshold", "0"],
+                             str(out), "--recipe", "sse", "--every", "1000", "--shot-threshold", "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode in (0, 2), result.stderr[-3000:]  # not a signal, not an uncaught exception
     assert "Traceback" not in result.stderr

@@ -206,7 +206,7 @@ def test_every_score_file_gives_scores_or_a_user_error(score_file, normalize):
             check_table(read_scores(path, variable=variable))
         except UserError:
             pass
-        for options in ({"weights": [1.0, 3.0], "normalize": normalize},
+        for options in ({"model_weights": [1.0, 3.0], "normalize": normalize},
                         {"search": True, "val_scores": [spec, spec], "step": 0.25, "normalize": normalize}):
             out = Path(work) / "out"
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from emotiw.demo.scene import astronaut_head, coffee_background, paste
+from testmedia.scene import astronaut_head, coffee_background, paste
 from emotiw.face.video import write_video
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def peak_rss_kb(clip, out):
     """The peak resident memory of one `emotiw preprocess` process, in KiB (dsn mode: its 1024-wide
     frames are the biggest that wait for the writer)."""
     command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(clip.parent), "--out", str(out),
-               "--mode", "dsn"]
+               "--recipe", "dsn"]
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], cwd=REPO, capture_output=True, text=True,
                             check=True)
     status, peak = map(int, result.stdout.split())

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from emotiw import nets
+from emotiw.caffe.shapes import infer
 from emotiw.nets import dsn
 from emotiw.nets.data import gray_mean
 from emotiw.nets.options import NetOptions
-from emotiw.nets.shapes import infer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

@@ -13,6 +13,8 @@ from emotiw import nets
 from emotiw.cli import main
 from emotiw.errors import UserError
 from emotiw.nets.options import NetOptions
+from emotiw.recipes import RECIPES
+from helpers import write_image_list
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = nets.names()
@@ -28,20 +30,6 @@ def caffe():
     caffe.set_mode_cpu()
     caffe.set_random_seed(0)
     return caffe
-
-
-def write_image_list(folder, side, count=4):
-    """`count` random colour side x side PNGs and their list, labels 0..count-1; returns the list."""
-    import cv2
-    rng = np.random.default_rng(0)
-    lines = []
-    for index in range(count):
-        path = folder / f"{index}.png"
-        cv2.imwrite(str(path), rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
-        lines.append(f"{path} {index}")
-    listing = folder / "list.txt"
-    listing.write_text("\n".join(lines) + "\n")
-    return str(listing)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +51,7 @@ def feature_list(tmp_path_factory):
 def small_options(name, image_list, feature_list=""):
     """Batch 2 on the tiny list (feature nets: the tiny HDF5 list), mean values instead of the
     released mean files (not bundled); the DSN nets at 64 px (their 224 only costs time)."""
-    size = 64 if nets.get(name).paper == "DSN" else None
+    size = 64 if nets.get(name).recipe == "dsn" else None
     channels = nets.get(name).preprocessing.channels
     mean = (104, 117, 123) if channels == 3 else None  # gray nets: their own; feature nets: none
     source = feature_list if channels == 0 else image_list
@@ -90,7 +78,7 @@ def test_registry_has_the_5_dsn_15_sse_nets_the_fer_model_and_the_feature_classi
                         "sse_resnet50_4conv-c_concat", "vgg_face"]
     for name in NAMES:
         entry = nets.get(name)
-        assert entry.paper in nets.PAPERS and entry.preprocessing.input_size in (64, 88, 128, 224)
+        assert entry.recipe in (*RECIPES, None) and entry.preprocessing.input_size in (64, 88, 128, 224)
 
 
 @pytest.mark.parametrize("name", NAMES)

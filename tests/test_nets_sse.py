@@ -15,10 +15,10 @@ from google.protobuf import json_format
 
 from emotiw import nets
 from emotiw.caffe.env import import_caffe
+from emotiw.caffe.shapes import top_shapes
 from emotiw.errors import UserError
 from emotiw.nets import backbones, sse
 from emotiw.nets.options import NetOptions
-from emotiw.nets.shapes import top_shapes
 
 caffe = import_caffe()
 from caffe.proto import caffe_pb2  # noqa: E402
@@ -511,11 +511,11 @@ def test_solver_has_the_released_values(backbone):
 
 
 def test_registry_entries_cover_the_15_nets():
-    entries = list(sse.registry_entries(dict, dict))
-    assert [entry["name"] for entry in entries] == [f"sse_{b}_{v}" for b, v in NETS]
-    assert [entry["name"] for entry in entries if entry["released"]] == [
+    entries = list(sse.registry_entries())
+    assert [entry.name for entry in entries] == [f"sse_{b}_{v}" for b, v in NETS]
+    assert [entry.name for entry in entries if entry.released] == [
         "sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat", "sse_resnet50_4conv-c_concat"]
     resnet = entries[-1]
-    assert resnet["preprocessing"]["input_size"] == 224
-    assert resnet["pretrained"] == "ResNet-50-model.caffemodel"
-    assert resnet["builder"]("deploy", NetOptions()).layer[-1].name == "prob"
+    assert resnet.recipe == "sse" and resnet.preprocessing.input_size == 224
+    assert resnet.pretrained == "ResNet-50-model.caffemodel"
+    assert resnet.builder("deploy", NetOptions()).layer[-1].name == "prob"

@@ -13,32 +13,9 @@ import pytest
 from emotiw import nets
 from emotiw.caffe.env import import_caffe
 from emotiw.caffe.runtime import OpenCVNet, PycaffeNet
+from helpers import random_weights  # noqa: E402
 
 caffe = import_caffe()
-
-
-def random_weights(deploy, weights, seed):
-    caffe.set_random_seed(seed)
-    net = caffe.Net(str(deploy), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    for name, blobs in net.params.items():
-        kind = net.layer_dict[name].type
-        if kind == "BatchNorm":
-            blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].data.shape)
-            blobs[1].data[...] = rng.uniform(0.5, 1.5, blobs[1].data.shape)
-            blobs[2].data[...] = 1
-        elif kind == "Scale":
-            blobs[0].data[...] = rng.uniform(0.8, 1.2, blobs[0].data.shape)
-            if len(blobs) > 1:
-                blobs[1].data[...] = rng.normal(0, 0.1, blobs[1].data.shape)
-        elif kind == "PReLU":
-            blobs[0].data[...] = 0.25
-        elif kind != "Deconvolution":  # deconvolutions keep their bilinear upsampling filler
-            fan_in = blobs[0].data[0].size
-            blobs[0].data[...] = rng.normal(0, np.sqrt(2 / fan_in), blobs[0].data.shape)
-            if len(blobs) > 1:
-                blobs[1].data[...] = rng.normal(0, 0.01, blobs[1].data.shape)
-    net.save(str(weights))
 
 
 @pytest.mark.parametrize("name", nets.names())

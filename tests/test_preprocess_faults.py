@@ -16,7 +16,7 @@ from pathlib import Path
 
 import media
 import pytest
-from test_preprocess import read_csv, snapshot
+from helpers import read_csv, snapshot
 
 from emotiw.cli import main
 from emotiw.formats.lists import read_label_file

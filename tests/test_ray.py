@@ -17,9 +17,7 @@ from pathlib import Path
 import media
 import pytest
 import scipy.io
-from test_extract import setup  # noqa: F401  (fixture: a tiny ImageData net, its weights and clips)
-from test_preprocess import snapshot
-from test_testing import dsn_setup  # noqa: F401  (fixture: a tiny deploy net, its weights and a video list)
+from helpers import snapshot
 
 import emotiw
 from emotiw.cli import main
@@ -122,7 +120,7 @@ def videos(tmp_path_factory):
 
 
 def preprocess(videos, out, *options):
-    return main(["preprocess", "--videos", str(videos), "--out", str(out), "--mode", "sse", *options])
+    return main(["preprocess", "--videos", str(videos), "--out", str(out), "--recipe", "sse", *options])
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +146,14 @@ def test_a_worker_killed_mid_clip_has_its_clip_run_again(cluster, videos, refere
     long_clip = str((videos / "Angry" / "003.mp4").resolve())
     crops, part = tmp_path / "faces" / "val" / "003", tmp_path / "clips" / "val" / "003.csv"
     run = subprocess.Popen([sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(videos), "--out",
-                            str(tmp_path), "--mode", "sse", "--ray", cluster.address],
+                            str(tmp_path), "--recipe", "sse", "--ray", cluster.address],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
 
     def cropping_long_clip():
         """The worker that has the long clip open while some of its crops are written (pass 2)."""
         assert run.poll() is None, "the run ended before a worker could be killed mid-clip"
         for pid, name in cluster.workers():
-            if name == "ray::ClipWorker.run" and long_clip in _open_files(pid):
+            if name == "ray::Worker.run" and long_clip in _open_files(pid):
                 if crops.is_dir() and any(crops.glob("*.png")) and not part.exists():
                     return pid
         return None
@@ -179,7 +177,7 @@ def _open_files(pid):
         return []
 
 
-def test_test_on_ray_equals_a_local_run(cluster, dsn_setup, tmp_path, monkeypatch):  # noqa: F811
+def test_test_on_ray_equals_a_local_run(cluster, dsn_setup, tmp_path, monkeypatch):
     deploy, weights, video_list = dsn_setup  # clips of 3, 2, 4 and 1 frames: batches of 3 cross clips
     options = ["--net", str(deploy), "--weights", str(weights), "--videos", str(video_list), "--batch", "3",
                "--blobs", "prob,fc"]
@@ -192,7 +190,7 @@ def test_test_on_ray_equals_a_local_run(cluster, dsn_setup, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("db", ["leveldb", "lmdb"])
-def test_extract_on_ray_equals_a_local_run(cluster, setup, tmp_path, db):  # noqa: F811
+def test_extract_on_ray_equals_a_local_run(cluster, setup, tmp_path, db):
     options = ["extract", "--net", str(setup["test"]), "--weights", str(setup["weights"]), "--blob", "prob",
                "--videos", str(setup["videos"]), "--db", db]  # 10 frames, batches of 4: the last wraps round
     outputs = {}
@@ -212,7 +210,7 @@ def test_extract_on_ray_equals_a_local_run(cluster, setup, tmp_path, db):  # noq
     assert feats["feats"].shape == (10, 7) and feats["video_n_frames"].ravel().tolist() == [4, 3, 3]
 
 
-def test_an_unreachable_cluster_is_one_line(dsn_setup, tmp_path, capsys):  # noqa: F811
+def test_an_unreachable_cluster_is_one_line(dsn_setup, tmp_path, capsys):
     deploy, weights, video_list = dsn_setup
     closed = f"127.0.0.1:{free_port()}"  # nothing listens there once the probe is closed
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(video_list),
@@ -222,7 +220,7 @@ def test_an_unreachable_cluster_is_one_line(dsn_setup, tmp_path, capsys):  # noq
     assert f"cannot reach the Ray cluster at {closed}" in err and "ray start --head" in err
 
 
-def test_without_ray_installed_the_line_says_how_to_install_it(dsn_setup, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_without_ray_installed_the_line_says_how_to_install_it(dsn_setup, tmp_path, capsys, monkeypatch):
     deploy, weights, video_list = dsn_setup
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds where Ray is not installed
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(video_list),

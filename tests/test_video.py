@@ -63,7 +63,7 @@ def test_display_aspect_ratio_is_honoured(clips):
 
 def test_dsn_frames_are_every_frame_1024_wide_like_extract_frames(clips, tmp_path):
     _, paths, _ = clips
-    assert write_dsn_frames(paths[".avi"], tmp_path / "ours") == FRAMES
+    assert write_dsn_frames(paths[".avi"], tmp_path / "ours", 1024) == FRAMES
     names = sorted(p.name for p in (tmp_path / "ours").iterdir())
     assert names == [f"face-{i:03d}.png" for i in range(1, FRAMES + 1)]
     assert cv2.imread(str(tmp_path / "ours" / names[0])).shape == (768, 1024, 3)

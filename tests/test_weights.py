@@ -13,8 +13,15 @@ from emotiw.cli import main
 from emotiw.errors import UserError
 from emotiw.nets.backbones import layers_and_params, resnet
 from emotiw.nets.options import NetOptions
+from emotiw.nets.reference import resolve_net
 
 SMALL = NetOptions(input_size=64)
+
+
+def report_for(net, weights, options=None):
+    """weights_report for a registered name (built with `options`) or a prototxt path."""
+    expected = nets.shapes(net, options).params if net in nets.NETS else resolve_net(str(net)).param_shapes()
+    return weights_report(expected, weights, net)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def dsn_vgg_file(caffe, tmp_path_factory):
 
 
 def test_resnet50_weights_leave_25_of_33_blocks_of_the_released_dsn_resnet_untrained(resnet50_file):
-    report = weights_report("dsn_resnet", resnet50_file)
+    report = report_for("dsn_resnet", resnet50_file)
     assert len(report.blocks) == 33
     assert sorted(set(report.blocks) - set(report.untrained_blocks)) == [
         "res2a", "res2b", "res2c", "res3a", "res4a", "res5a", "res5b", "res5c"]
@@ -81,7 +88,7 @@ def test_caffe_itself_refuses_what_the_report_refuses(resnet50_file, tmp_path):
 
 def test_without_the_conv1_bias_the_released_net_loads_8_blocks(caffe, tmp_path):
     path = resnet50_imagenet_names(caffe, tmp_path / "no_bias.caffemodel", conv1_bias=False)
-    report = weights_report("dsn_resnet", path)
+    report = report_for("dsn_resnet", path)
     assert report.loadable and not report.mismatched
     assert report.verdict.startswith("PARTIAL") and "25 of 33 blocks untrained" in report.verdict
     net = caffe.Net(str(_deploy(tmp_path, "dsn_resnet")), caffe.TEST)
@@ -95,7 +102,7 @@ def _deploy(tmp_path, name, options=None):
 
 
 def test_resnet50_weights_fill_every_block_of_dsn_resnet50(resnet50_file):
-    report = weights_report("dsn_resnet50", resnet50_file)
+    report = report_for("dsn_resnet50", resnet50_file)
     assert report.loadable and len(report.blocks) == 16 and not report.untrained_blocks
     assert "conv1" in report.loaded and "bn5c_branch2c" in report.loaded
     assert all("dsn" in name or name in ("new-score-weighting", "fc") or name.startswith("upsample")
@@ -104,16 +111,16 @@ def test_resnet50_weights_fill_every_block_of_dsn_resnet50(resnet50_file):
 
 
 def test_a_net_s_own_weights_are_complete_by_name_and_by_prototxt(dsn_vgg_file, tmp_path):
-    by_name = weights_report("dsn_vgg_face", dsn_vgg_file, SMALL)
+    by_name = report_for("dsn_vgg_face", dsn_vgg_file, SMALL)
     assert by_name.verdict.startswith("COMPLETE") and not by_name.untrained and not by_name.ignored
-    by_path = weights_report(_deploy(tmp_path, "dsn_vgg_face", SMALL), dsn_vgg_file)
+    by_path = report_for(_deploy(tmp_path, "dsn_vgg_face", SMALL), dsn_vgg_file)
     assert by_path.loaded == by_name.loaded
-    other_size = weights_report("dsn_vgg_face", dsn_vgg_file)  # fc-dsnK fan-ins depend on the size
+    other_size = report_for("dsn_vgg_face", dsn_vgg_file)  # fc-dsnK fan-ins depend on the size
     assert {miss.layer for miss in other_size.mismatched} == {f"fc-dsn{k}" for k in range(1, 7)} | {"fc"}
 
 
 def test_weights_of_another_net_load_nothing(dsn_vgg_file):
-    report = weights_report("densenet121", dsn_vgg_file)
+    report = report_for("densenet121", dsn_vgg_file)
     assert report.verdict.startswith("NOTHING LOADED") and report.loadable
     assert "conv1_1" in report.ignored
 
@@ -140,7 +147,7 @@ def test_legacy_v1_caffemodel(caffe, tmp_path):
     net.ParseFromString(modern.read_bytes())
     legacy = tmp_path / "vgg_v1.caffemodel"
     legacy.write_bytes(to_v1(caffe_pb2, net).SerializeToString())
-    report = weights_report("vgg_face", legacy, SMALL)
+    report = report_for("vgg_face", legacy, SMALL)
     assert report.verdict.startswith("COMPLETE") and len(report.loaded) == 16
     target = caffe.Net(str(_deploy(tmp_path, "vgg_face", SMALL)), caffe.TEST)
     target.copy_from(str(legacy))  # Caffe upgrades V1 files the same way

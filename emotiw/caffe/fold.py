@@ -38,7 +38,6 @@ from typing import Optional
 
 import numpy as np
 
-from emotiw import nets
 from emotiw.caffe.proto import read_net_param, runs_in_test
 from emotiw.caffe.weights import blob_array, read_caffemodel_param, weights_report
 from emotiw.errors import UserError
@@ -209,20 +208,20 @@ def fold_files(net, weights, out_net, out_weights, keep=(), header=""):
     return chains
 
 
-def fold_weights(net, weights, out):
-    """`emotiw weights fold`: NET (a registered name, built as `emotiw weights report` builds it, or a
-    deploy prototxt) and its .caffemodel folded into OUT/deploy.prototxt and OUT/<weights file name>.
-    Weights Caffe could not load into the net are refused on one line, with the report's verdict.
-    Returns (chains, prototxt, caffemodel); nothing is written when nothing folds."""
-    report = weights_report(net, weights)
+def fold_weights(net_file, weights, out, net, expected):
+    """`emotiw weights fold`: the deploy prototxt `net_file` (of the net named `net`, whose parameter
+    shapes are `expected`) and its .caffemodel folded into OUT/deploy.prototxt and OUT/<weights file
+    name>. Weights Caffe could not load into the net are refused on one line, with the report's
+    verdict. Returns (chains, prototxt, caffemodel); nothing is written when nothing folds."""
+    report = weights_report(expected, weights, net)
     if not report.loadable or not report.loaded:
         raise UserError(f"{weights} does not fit {net}: {report.verdict}")
     if report.untrained:
         print(f"warning: {report.verdict}", file=sys.stderr)
-    param = nets.build(net, "deploy") if net in nets.NETS else read_net_param(net)
+    param = read_net_param(net_file)
     out = Path(out)
     out_net, out_weights = out / "deploy.prototxt", out / Path(weights).name
-    inputs = {Path(weights).resolve(), Path(net).resolve()}
+    inputs = {Path(weights).resolve(), Path(net_file).resolve()}
     for path in (out_net, out_weights):
         if path.resolve() in inputs:
             raise UserError(f"--out {out} would replace the input {path}; give another folder")

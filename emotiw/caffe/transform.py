@@ -1,9 +1,11 @@
-"""Caffe's test-time transform of one image file, as a net's data layer or DSN's test script does it.
+"""Caffe's test-time transform of one image file, as a recipe (emotiw.recipes) says:
 
-- dsn: resize to 256x256, centre crop 224x224, subtract BGR (104, 117, 123), no scale (test_video.py);
-- sse: what the net's test.prototxt data layer does (resize, crop, mean values or mean.binaryproto,
-  scale), with images resized to the net's input size when the layer neither resizes nor crops;
-- none: resize to the net's input size, nothing else.
+- a fixed transform of its own (DSN's test_video.py: resize to 256x256, centre crop 224x224,
+  subtract BGR (104, 117, 123), no scale);
+- what the net's test.prototxt data layer does (SSE's and the FER model's: resize, crop, mean values
+  or mean.binaryproto, scale), with images resized to the net's input size when the layer neither
+  resizes nor crops;
+- no recipe: resize to the net's input size, nothing else.
 """
 
 import hashlib
@@ -14,14 +16,11 @@ import numpy as np
 
 from emotiw.caffe.proto import data_layers_in_test, read_mean_file, read_net_param
 from emotiw.errors import UserError
-
-REPO = Path(__file__).resolve().parents[2]
-DSN_RESIZE, DSN_CROP, DSN_MEAN = 256, 224, (104.0, 117.0, 123.0)  # DSN's test_video.py
-PREPROCESSING_KINDS = ("dsn", "sse", "none")
+from emotiw.paths import REPO
 
 
 @dataclass(frozen=True, eq=False)
-class Preprocessing:
+class Transform:
     """Caffe's test-time transform of one image: read, resize, subtract the mean, centre crop, scale."""
     channels: int
     resize: tuple = None      # (height, width) or None: keep the image size
@@ -78,21 +77,23 @@ def _find_mean_file(name, prototxt):
     raise UserError(f"mean file {name} (from {prototxt}) not found; give it with --mean-file")
 
 
-def dsn_preprocessing(input_shape):
-    if tuple(input_shape) != (3, DSN_CROP, DSN_CROP):
-        raise UserError(f"DSN preprocessing makes 3x{DSN_CROP}x{DSN_CROP} inputs but the net takes "
-                        f"{'x'.join(map(str, input_shape))}; use --preprocess sse or none")
-    return Preprocessing(channels=3, resize=(DSN_RESIZE, DSN_RESIZE), crop=(DSN_CROP, DSN_CROP), mean=np.array(DSN_MEAN, dtype=np.float32))
+def fixed_transform(fixed, input_shape, label):
+    """A recipe's own transform (FixedTransform: resize, centre crop, BGR mean)."""
+    if tuple(input_shape) != (3, fixed.crop, fixed.crop):
+        raise UserError(f"{label} preprocessing makes 3x{fixed.crop}x{fixed.crop} inputs but the net takes "
+                        f"{'x'.join(map(str, input_shape))}; use --recipe sse or none")
+    return Transform(channels=3, resize=(fixed.resize, fixed.resize), crop=(fixed.crop, fixed.crop),
+                     mean=np.array(fixed.mean, dtype=np.float32))
 
 
-def sse_preprocessing(deploy, input_shape, mean_file=None):
+def data_layer_transform(deploy, input_shape, mean_file, label):
     """The transform of the TEST data layer in the test.prototxt beside the deploy file."""
     channels, height, width = input_shape
     test_file = Path(deploy).parent / "test.prototxt"
     layers = data_layers_in_test(read_net_param(test_file)) if test_file.is_file() else []
     if not layers and mean_file is None:
-        raise UserError(f"SSE preprocessing takes the mean from {test_file}, which has no TEST data layer "
-                        "or is missing; pass --mean-file, or use --preprocess none")
+        raise UserError(f"{label} preprocessing takes the mean from {test_file}, which has no TEST data layer "
+                        "or is missing; pass --mean-file, or use --recipe none")
     transform = layers[0].transform_param if layers else None
     images = layers[0].image_data_param if layers and layers[0].type == "ImageData" else None
     crop = (transform.crop_size,) * 2 if transform is not None and transform.crop_size else None
@@ -106,18 +107,19 @@ def sse_preprocessing(deploy, input_shape, mean_file=None):
     else:
         mean = np.asarray(transform.mean_value, dtype=np.float32) if len(transform.mean_value) else None
     scale = transform.scale if transform is not None else 1.0
-    return Preprocessing(channels=channels, resize=resize, crop=crop, mean=mean, scale=float(scale))
+    return Transform(channels=channels, resize=resize, crop=crop, mean=mean, scale=float(scale))
 
 
-def choose_preprocessing(kind, deploy, input_shape, mean_file=None):
-    if kind == "dsn":
-        chosen = dsn_preprocessing(input_shape)
-    elif kind == "sse":
-        chosen = sse_preprocessing(deploy, input_shape, mean_file)
+def choose_transform(recipe, deploy, input_shape, mean_file=None):
+    """The transform of a recipe (emotiw.recipes.Recipe), or a plain resize for None."""
+    if recipe is None:
+        label, chosen = "none", Transform(channels=input_shape[0], resize=tuple(input_shape[1:]))
+    elif recipe.test_transform is not None:
+        label, chosen = recipe.name, fixed_transform(recipe.test_transform, input_shape, recipe.name.upper())
     else:
-        chosen = Preprocessing(channels=input_shape[0], resize=tuple(input_shape[1:]))
+        label, chosen = recipe.name, data_layer_transform(deploy, input_shape, mean_file, recipe.name.upper())
     out_size = chosen.crop or chosen.resize
     if out_size is not None and tuple(out_size) != tuple(input_shape[1:]):
-        raise UserError(f"{kind} preprocessing makes {out_size[0]}x{out_size[1]} inputs but the net takes "
-                        f"{input_shape[1]}x{input_shape[2]}; use another --preprocess")
+        raise UserError(f"{label} preprocessing makes {out_size[0]}x{out_size[1]} inputs but the net takes "
+                        f"{input_shape[1]}x{input_shape[2]}; use another --recipe")
     return chosen

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emotiw import nets
 from emotiw.caffe.env import import_caffe
-from emotiw.caffe.proto import read_net_param
 from emotiw.errors import UserError
-from emotiw.nets.shapes import infer
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # res4b12_branch2a, bn4b12_branch2a, scale4b12_branch2a -> block res4b12 (KaimingHe names)
@@ -143,24 +140,9 @@ def same_shape(net_shape, file_shape):
     return tuple(net_shape) == tuple(file_shape)
 
 
-def net_param_shapes(net, options=None):
-    """{layer name: [param shape, ...]} of a registry name (built with options) or a prototxt path
-    (options.input_size then sizes data layers that neither resize nor crop)."""
-
-    if net in nets.NETS:
-        return nets.shapes(net, options).params
-    data_shape = None
-    if options is not None and options.input_size:
-        data_shape = (3 if options.color else 1, options.input_size, options.input_size)
-    if not Path(net).is_file():
-        raise UserError(f"'{net}' is neither a registered net nor a prototxt file")
-    return infer(read_net_param(net), data_shape).params
-
-
-def weights_report(net, caffemodel, options=None):
-    """Compares a caffemodel with a net: a registry name (built with NetOptions `options`) or a
-    deploy/train prototxt path. Returns a WeightsReport."""
-    expected = net_param_shapes(net, options)
+def weights_report(expected, caffemodel, net):
+    """Compares a caffemodel with a net's parameter shapes, `expected` ({layer: [shape, ...]}, as
+    emotiw.caffe.shapes.infer gives them); `net` names the net in the report. Returns a WeightsReport."""
     found = read_caffemodel(caffemodel)
     report = WeightsReport(net=str(net), weights=str(caffemodel))
     for name, shapes in expected.items():
@@ -190,14 +172,14 @@ def _blocks(expected, loaded):
     return blocks
 
 
-def check_weights(net, weights, options=None, show_report=False, allow_partial=True):
-    """Refuses weights Caffe could not load into the net (it would abort) or that load nothing, and
-    with `allow_partial` False (testing a trained model) weights that leave layers at their filler
-    (a file cut at a layer boundary still parses); otherwise warns about those layers.
-    `show_report` prints the whole report first."""
+def check_weights(expected, weights, net, show_report=False, allow_partial=True):
+    """Refuses weights Caffe could not load into the net (its parameter shapes `expected`, named
+    `net`) because it would abort, or that load nothing, and with `allow_partial` False (testing a
+    trained model) weights that leave layers at their filler (a file cut at a layer boundary still
+    parses); otherwise warns about those layers. `show_report` prints the whole report first."""
     if not Path(weights).is_file():
         raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
-    report = weights_report(net, weights, options)
+    report = weights_report(expected, weights, net)
     if show_report:
         print("\n".join(report.lines()))
     if not report.loadable or not report.loaded:

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "emotiw.cli.weights",
     "emotiw.cli.test",
     "emotiw.cli.extract",
+    "emotiw.cli.score_features",
     "emotiw.cli.export",
     "emotiw.cli.predict",
     "emotiw.cli.features",

@@ -5,7 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from emotiw.demo.data import MAX_STRENGTH, SPLITS, generate
-from emotiw.demo.pipeline import QUICK, Config, Demo, percent
+from emotiw.demo.pipeline import QUICK, Config, Demo
+from emotiw.demo.report import percent, write_report
 from emotiw.errors import UserError
 
 
@@ -52,7 +53,8 @@ def run_demo(args):
     config = replace(QUICK if args.quick else Config(), seed=args.seed)
     out = Path(args.out)
     demo = Demo(out, Path(args.work) if args.work else out / "work", config)
-    report, rows = demo.run()
+    demo.run()
+    report, rows = write_report(demo)
     print(f"[demo] report: {report}", file=sys.stderr)
     for name, val, test, *_ in rows:
         print(f"  {name}: val {percent(val)} %, test {percent(test)} %")

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from emotiw.caffe.runtime import BACKENDS
+from emotiw.cli.options import add_backend
 from emotiw.face.mtcnn import FACENET
 from emotiw.stages.detect import detect
 
@@ -16,7 +16,7 @@ def register(subparsers):
     parser.add_argument("--min-face-size", type=float, default=FACENET["min_face_size"])
     parser.add_argument("--thresholds", type=float, nargs=3, default=FACENET["thresholds"], metavar=("P", "R", "O"))
     parser.add_argument("--scale-factor", type=float, default=FACENET["scale_factor"])
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    add_backend(parser)
     parser.add_argument("--draw", metavar="OUT.png", help="write the (single) image with boxes and landmarks")
     parser.set_defaults(func=run)
 

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from emotiw.cli.options import add_weights
 from emotiw.stages.export import export
 
 
@@ -12,7 +13,7 @@ def register(subparsers):
                     "blob under its Caffe name), checked with onnx's checker against Caffe's blob shapes.")
     parser.add_argument("net", metavar="NET", help="registered net name (prototxt/NAME/deploy.prototxt) "
                                                    "or a deploy prototxt path")
-    parser.add_argument("--weights", required=True, type=Path, metavar="FILE.caffemodel")
+    add_weights(parser)
     parser.add_argument("--onnx", required=True, type=Path, metavar="OUT.onnx", help="the ONNX file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX operator set, 13 or later (default 17)")
     parser.set_defaults(func=run)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emotiw.distributed import RAY_HELP
+from emotiw.cli.options import add_allow_partial, add_fold, add_net, add_ray, add_weights
 from emotiw.stages.extract import DATABASES, extract, leveldb2mat
 
 
@@ -14,9 +14,8 @@ def register(subparsers):
         description="Runs Caffe's extract_features on the net's test.prototxt (its ImageData layer pointed at "
                     "the frame list) for ceil(N / batch) mini-batches, then writes DIR/features.mat (feats, "
                     "and with --videos video_feats/video_names/video_labels).")
-    parser.add_argument("--net", required=True, help="registered net name (prototxt/NAME/test.prototxt) "
-                                                     "or a test.prototxt path")
-    parser.add_argument("--weights", required=True, type=Path, metavar="FILE.caffemodel")
+    add_net(parser, "test")
+    add_weights(parser)
     parser.add_argument("--list", type=Path, metavar="FRAMELIST",
                         help="ImageData list `<image> <label>` (default: the test net's own source, or the "
                              "frames of the --videos clips)")
@@ -26,12 +25,9 @@ def register(subparsers):
     parser.add_argument("--db", choices=DATABASES, default="leveldb", help="store format (default leveldb)")
     parser.add_argument("--batch", type=int, help="mini-batch size (default: the test net's)")
     parser.add_argument("--v73", action="store_true", help="write an HDF5-based MATLAB v7.3 .mat")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="extract even when the weights leave layers at their random filler init")
-    parser.add_argument("--no-fold", dest="fold", action="store_false",
-                        help="run BatchNorm and Scale as layers of their own instead of folding them into the "
-                             "convolution before them (the same features within 1e-5, slower)")
-    parser.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help=RAY_HELP)
+    add_allow_partial(parser, "extract")
+    add_fold(parser, "features")
+    add_ray(parser)
     parser.set_defaults(func=run_extract)
 
     convert = subparsers.add_parser(

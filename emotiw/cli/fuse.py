@@ -1,5 +1,6 @@
 """`emotiw fuse SCORES… --out DIR`: weighted score fusion, given or searched weights (emotiw.stages.fuse)."""
 
+import argparse
 from pathlib import Path
 
 from emotiw.stages.fuse import NORMALIZATIONS, fuse
@@ -11,8 +12,10 @@ def register(subparsers):
         description=__doc__.splitlines()[0])
     parser.add_argument("scores", nargs="+", metavar="SCORES",
                         help="test score files: EmotiW .txt, predictions.csv, or FILE.mat[:VARIABLE]")
-    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
-                        help="one weight per score file (default: equal weights)")
+    parser.add_argument("--model-weights", nargs="+", type=float, metavar="W",
+                        help="one fusion weight per score file (default: equal weights)")
+    parser.add_argument("--weights", dest="model_weights", nargs="+", type=float, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # the earlier spelling
     parser.add_argument("--search", action="store_true", help="search the weights on validation scores")
     parser.add_argument("--val-scores", nargs="+", metavar="VAL",
                         help="validation score files, one per test score file, same order")
@@ -27,10 +30,8 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
-
-
 def run(args):
-    result = fuse(args.scores, args.out, weights=args.weights, search=args.search, val_scores=args.val_scores,
+    result = fuse(args.scores, args.out, model_weights=args.model_weights, search=args.search, val_scores=args.val_scores,
                   val_labels=args.val_labels, step=args.step, normalize=args.normalize, names=args.names,
                   videos=args.videos)
     print(result.table)

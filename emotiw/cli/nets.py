@@ -67,7 +67,8 @@ def run(args):
 
 
 def describe(entry, params, options):
-    """The --list columns: name, paper, backbone, variant, input size, parameters, released or not."""
+    """The --list columns: name, recipe (emotiw.recipes; "features" for the classifiers of feature
+    vectors), backbone, variant, input size, parameters, released or not."""
     size = options.input_size or entry.preprocessing.input_size
-    return [entry.name, entry.paper, entry.backbone, entry.variant, f"{size}px",
+    return [entry.name, entry.recipe or "features", entry.backbone, entry.variant, f"{size}px",
             f"{params / 1e6:7.2f} M params", "released" if entry.released else "ours"]

@@ -1,7 +1,6 @@
 """`emotiw predict`: your own videos -> emotions per frame, timeline, annotated video (emotiw.stages.predict)."""
 
-from emotiw.caffe.runtime import BACKENDS
-from emotiw.face.clip import DETECT_MODES
+from emotiw.cli.options import add_backend, add_detect, add_recipe, add_sampling
 from emotiw.stages.predict import predict
 
 
@@ -14,19 +13,17 @@ def register(subparsers):
                         help="output folder: one DIR/<video>/ per video (default: ./predictions)")
     parser.add_argument("--net", help="a registered net or a deploy prototxt (with --weights)")
     parser.add_argument("--weights", metavar="FILE", help="its .caffemodel")
-    parser.add_argument("--mode", choices=("dsn", "sse"), help="face crops (default: the net's paper)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="inference runtime (default auto)")
-    parser.add_argument("--detect", choices=DETECT_MODES, default="tracked", help="as for preprocess")
-    sampling = parser.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=float, help="keep N frames per second")
-    sampling.add_argument("--every", type=int, metavar="K", help="keep every K-th frame")
+    add_recipe(parser, "how face crops are made: dsn, sse or fer2013 (default: the net's recipe)", "--mode")
+    add_backend(parser)
+    add_detect(parser)
+    add_sampling(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo videos finished by an earlier run")
     parser.add_argument("--no-video", action="store_true", help="skip annotated.mp4")
     parser.set_defaults(func=run)
 
 
 def run(args):
-    result = predict(args.videos, args.out, net=args.net, weights=args.weights, mode=args.mode,
+    result = predict(args.videos, args.out, net=args.net, weights=args.weights, recipe=args.recipe,
                      backend=args.backend, detect=args.detect, fps=args.fps, every=args.every,
                      overwrite=args.overwrite, annotate=not args.no_video)
     for video in result.videos:

@@ -1,7 +1,7 @@
 """`emotiw preprocess`: video clips or face images -> aligned face crops, manifest, lists (emotiw.stages.preprocess)."""
 
-from emotiw.distributed import RAY_HELP
-from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY
+from emotiw.cli.options import add_detect, add_ray, add_recipe, add_sampling
+from emotiw.face.clip import REDETECT_EVERY
 from emotiw.face.shots import SHOT_THRESHOLD
 from emotiw.face.track import SUBJECT_RULES
 from emotiw.formats.lists import LABEL_MAPS
@@ -20,14 +20,13 @@ def register(subparsers):
     parser.add_argument("--label-map", choices=LABEL_MAPS, default="afew",
                         help="how label numbers read: afew 0..6 (default), rafdb 1..7 in RAF-DB order, none: as is")
     parser.add_argument("--aligned", action="store_true", help="--images are aligned face crops: resize only")
-    parser.add_argument("--mode", choices=("dsn", "sse"), default="dsn",
-                        help="dsn: facenet crop, margin 100, 400x400 (default); sse: 5-point similarity warp, 128x128")
+    add_recipe(parser, "how faces are cropped (emotiw.recipes): dsn (default): facenet crop, margin 100, 400x400 "
+                       "from frames 1024 wide; sse: 5-point similarity warp, 128x128; fer2013: sse's at 64x64 gray",
+               "--mode", default="dsn")
     parser.add_argument("--subject", choices=SUBJECT_RULES,
                         help="facenet: the big central face of every frame (dsn's default, as DSN); "
-                             "track: the longest face track of every shot (sse's default)")
-    parser.add_argument("--detect", choices=DETECT_MODES, default="tracked",
-                        help="tracked (default): full MTCNN at shot starts and every --redetect-every frames, "
-                             "around the previous faces between; every-frame: full MTCNN on every frame")
+                             "track: the longest face track of every shot (the other recipes' default)")
+    add_detect(parser)
     parser.add_argument("--redetect-every", type=int, default=REDETECT_EVERY, metavar="K",
                         help=f"--detect tracked: frames between full detections (default {REDETECT_EVERY})")
     parser.add_argument("--shot-threshold", type=float, default=SHOT_THRESHOLD, metavar="T",
@@ -36,13 +35,12 @@ def register(subparsers):
     parser.add_argument("--min-coverage", type=float, metavar="PERCENT",
                         help="list clips whose subject is in fewer than PERCENT of the frames in errors.csv")
     parser.add_argument("--size", type=int, help="output size in pixels (default: the mode's)")
-    parser.add_argument("--gray", action="store_true", help="single-channel crops (and LMDB)")
-    sampling = parser.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=float, help="keep N frames per second")
-    sampling.add_argument("--every", type=int, metavar="K", help="keep every K-th frame")
+    parser.add_argument("--gray", action="store_true", default=None,
+                        help="single-channel crops (and LMDB); default: the recipe's (fer2013's are gray)")
+    add_sampling(parser)
     parser.add_argument("--max-frames", type=int, metavar="N", help="keep at most the first N kept frames of a clip")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="clips processed in parallel (processes)")
-    parser.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help=RAY_HELP)
+    add_ray(parser)
     parser.add_argument("--lmdb", action="store_true", help="also an LMDB per split (convert_imageset) and its mean")
     parser.add_argument("--split", metavar="NAME",
                         help="split name, letters, digits, _ and - (default: RAF-DB file prefix with --label-map rafdb, "
@@ -54,7 +52,7 @@ def register(subparsers):
 
 def run(args):
     preprocess(args.out, videos=args.videos, images=args.images, labels=args.labels, label_map=args.label_map,
-               aligned=args.aligned, mode=args.mode, size=args.size, gray=args.gray, fps=args.fps,
+               aligned=args.aligned, recipe=args.recipe, size=args.size, gray=args.gray, fps=args.fps,
                every=args.every, max_frames=args.max_frames, workers=args.workers, lmdb=args.lmdb,
                split=args.split, dsn_frames=args.dsn_frames, subject=args.subject, detect=args.detect,
                redetect_every=args.redetect_every, shot_threshold=args.shot_threshold,

@@ -3,6 +3,7 @@
 
 from emotiw.caffe.fold import fold_weights
 from emotiw.caffe.weights import weights_report
+from emotiw.nets.reference import resolve_net
 
 
 def register(subparsers):
@@ -30,13 +31,14 @@ def register(subparsers):
 
 
 def run(args):
-    report = weights_report(args.net, args.weights)
+    report = weights_report(resolve_net(args.net).param_shapes(), args.weights, args.net)
     print("\n".join(report.lines()))
     return 0 if report.loadable and report.loaded else 1  # NOTHING LOADED is no use either
 
 
 def run_fold(args):
-    chains, prototxt, caffemodel = fold_weights(args.net, args.weights, args.out)
+    ref = resolve_net(args.net)
+    chains, prototxt, caffemodel = fold_weights(ref.file, args.weights, args.out, args.net, ref.param_shapes())
     if not chains:
         print(f"nothing to fold in {args.net}: no BatchNorm right after a Convolution or InnerProduct; "
               "nothing written")

@@ -1,17 +1,15 @@
-"""Turning a detected face into a fixed-size crop, the way each system did it.
+"""Turning a detected face into a fixed-size crop, the way each system did it (emotiw.recipes picks one).
 
-`dsn`: facenet's align_dataset_mtcnn.py, which DSN ran with `--image_size 400 --margin 100`: the
+`facenet` (DSN): facenet's align_dataset_mtcnn.py, which DSN ran with `--image_size 400 --margin 100`: the
 MTCNN box grown by margin/2 pixels on every side, clipped to the image, cut out and resized
 (bilinear, PIL, as scipy.misc.imresize did) to size x size. No rotation.
 
-`sse`: SSE frontalised its tracked faces with a 3-D face model and rescaled them to 128 x 128; that
+`similarity` (SSE): SSE frontalised its tracked faces with a 3-D face model and rescaled them to 128 x 128; that
 model was never released, so we substitute a 2-D similarity warp (rotation, uniform scale,
 translation) of the 5 MTCNN landmarks onto a fixed template: ArcFace's 112 x 112 template
 (insightface `arcface_dst`) scaled uniformly by size/112, so the face fills the canvas as in an
 ArcFace crop.
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,25 +22,6 @@ ARCFACE_TEMPLATE_112 = np.array([
     [41.5493, 92.3655],
     [70.7299, 92.2041],
 ])
-
-
-@dataclass(frozen=True)
-class CropMode:
-    name: str
-    size: int
-    margin: int = 0  # dsn only: pixels added around the box (margin/2 on each side)
-
-
-MODES = {
-    "dsn": CropMode("dsn", size=400, margin=100),
-    "sse": CropMode("sse", size=128),
-}
-
-
-def crop_mode(name, size=None):
-    """The mode's defaults, with `size` overriding the output size when given."""
-    mode = MODES[name]
-    return mode if size is None else CropMode(mode.name, size, mode.margin)
 
 
 def sse_template(size):
@@ -93,17 +72,19 @@ def to_gray(image):
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
-def align_face(image, box, landmarks, mode, gray=False):
-    """The crop of one face from an RGB image, per a CropMode; RGB, or single-channel with gray."""
-    if mode.name == "dsn":
-        face = crop_dsn(image, box, mode.size, mode.margin)
+def align_face(image, box, landmarks, alignment, size, margin=0, gray=False):
+    """The size x size crop of one face from an RGB image by a recipe's `alignment` (emotiw.recipes):
+    "facenet" (the box grown by `margin`) or "similarity" (the 5 landmarks warped onto the template);
+    RGB, or single-channel with gray."""
+    if alignment == "facenet":
+        face = crop_dsn(image, box, size, margin)
     else:
-        face = crop_sse(image, landmarks, mode.size)
+        face = crop_sse(image, landmarks, size)
     return to_gray(face) if gray else face
 
 
-def resize_whole(image, mode, gray=False):
-    """An already-aligned face image (`--aligned`), resized to the mode's size like a dsn crop."""
+def resize_whole(image, size, gray=False):
+    """An already-aligned face image (`--aligned`), resized to size x size like a facenet crop."""
     height, width = image.shape[:2]
-    face = crop_dsn(image, (0, 0, width, height), mode.size, margin=0)
+    face = crop_dsn(image, (0, 0, width, height), size, margin=0)
     return to_gray(face) if gray else face

@@ -28,6 +28,7 @@ from emotiw.caffe.runtime import check_backend, load_net
 from emotiw.errors import UserError
 from emotiw.formats.files import atomic_path, atomic_write_text, record_is_current
 from emotiw.nets.backbones import layers_and_params, pool
+from emotiw.paths import MODELS_DIR
 
 CONVERTER_VERSION = 1
 NET_NAMES = ("pnet", "rnet", "onet")
@@ -35,7 +36,7 @@ INPUT_SIDE = {"pnet": 12, "rnet": 24, "onet": 48}
 # Output blobs in the order `forward` returns them: box regression, [landmarks,] face probability.
 OUTPUTS = {"pnet": ("conv4-1", "prob1"), "rnet": ("fc5-1", "prob1"),
            "onet": ("fc6-1", "fc6-2", "prob1")}
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "mtcnn"
+DEFAULT_MODEL_DIR = MODELS_DIR / "mtcnn"
 DIGEST_FILE = "conversion.json"
 FIX_MTCNN = "install the weights with `pip install --no-deps mtcnn==1.0.0` (TensorFlow is not needed)"
 

@@ -108,13 +108,6 @@ def link_tracks(boxes_per_frame, shots=None, iou_threshold=IOU_THRESHOLD, max_ga
     return tracks
 
 
-def main_subject(tracks):
-    """The longest track; ties go to the larger mean box, then to the earlier track. None if empty."""
-    if not tracks:
-        return None
-    return max(tracks, key=lambda t: (t.length, t.mean_area, -t.track_id))
-
-
 @dataclass
 class Subject:
     chosen: list  # per kept frame, the index of the subject's detection, or None

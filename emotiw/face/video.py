@@ -23,9 +23,6 @@ import numpy as np
 from emotiw.errors import UserError
 from emotiw.formats.files import atomic_open, atomic_path
 
-# DSN's extract_frames.py: `ffmpeg -i clip.avi -s 1024x<1024/DAR> -qscale 1 <name>-%3d.png`.
-DSN_FRAME_WIDTH = 1024
-
 
 class VideoError(UserError):
     """A clip FFmpeg cannot read completely: missing, empty, not a video, truncated or damaged."""
@@ -231,14 +228,15 @@ def save_png(path, image):
         handle.write(png.tobytes())
 
 
-def write_dsn_frames(path, out_dir):
-    """DSN's extract_frames.py: every frame, DSN_FRAME_WIDTH wide at the display aspect ratio, as
-    `<out_dir>/<clip>-001.png`, `-002.png`, ... (ffmpeg's `%3d` numbering starts at 1).
+def write_dsn_frames(path, out_dir, width):
+    """DSN's extract_frames.py (`ffmpeg -i clip.avi -s 1024x<1024/DAR> -qscale 1 <name>-%3d.png`):
+    every frame, `width` wide at the display aspect ratio, as `<out_dir>/<clip>-001.png`, `-002.png`,
+    ... (ffmpeg's `%3d` numbering starts at 1).
 
     Returns the number of frames written. Scaling is bicubic, ffmpeg's default for `-s`.
     """
     written = 0
-    for frame in iter_frames(path, width=DSN_FRAME_WIDTH):
+    for frame in iter_frames(path, width=width):
         save_png(Path(out_dir) / f"{Path(path).stem}-{frame.index + 1:03d}.png", frame.image)
         written += 1
     return written

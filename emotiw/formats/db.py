@@ -125,7 +125,7 @@ def feature_matrix(rows, keys, count, where):
     return np.stack([rows[index] for index in range(count)]).astype(np.float64)
 
 
-def read_features(path, batch_num, batch_size, dim, use_lmdb=False, num_images=None):
+def read_store_features(path, batch_num, batch_size, dim, use_lmdb=False, num_images=None):
     """`feats` of a store: one row per image in key order, wrap-around rows past num_images dropped."""
     where = str(path)
     rows, keys = decode_features(read_store(path, use_lmdb), dim, where)

@@ -18,6 +18,7 @@ Label files for preprocessing (`--labels`) are a different format: `clip,label` 
 import csv
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,11 @@ def has_labels(labels):
     return labels is not None and bool(np.any(np.asarray(labels) != NO_LABEL))
 
 
+def labels_or_unlabelled(labels, count):
+    """`labels` as a list of ints, or NO_LABEL for each of `count` items when there are none (None)."""
+    return [NO_LABEL] * count if labels is None else [int(label) for label in labels]
+
+
 # ------------------------------------------------------------------------------------------
 # Reading lists
 
@@ -152,14 +158,50 @@ def resolve_listed_path(entry, list_path):
 def read_paths(path, what="frame list", label_required=False):
     """(resolved paths, labels as a list with NO_LABEL where absent) of a list file."""
     entries, labels = read_list(path, what, label_required)
-    labels = [NO_LABEL] * len(entries) if labels is None else [int(label) for label in labels]
-    return [resolve_listed_path(entry, path) for entry in entries], labels
+    return [resolve_listed_path(entry, path) for entry in entries], labels_or_unlabelled(labels, len(entries))
 
 
 def list_frames(folder):
     """The face frames of a clip folder: its visible image files, sorted by name."""
     return sorted(path for path in Path(folder).iterdir()
                   if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file())
+
+
+@dataclass
+class Clip:
+    """One line of a video list: the clip folder as written, its label, its face frames."""
+    entry: str        # the clip as written in the list
+    label: int        # NO_LABEL when the list has none
+    frames: list      # image paths, sorted
+    problem: str = ""  # "missing" or "empty" when the folder gives no frame
+
+
+def read_clips(video_list):
+    """The clips of a video list, with their frames; missing or empty folders are kept and flagged."""
+    entries, labels = read_list(video_list)
+    clips = []
+    for entry, label in zip(entries, labels_or_unlabelled(labels, len(entries))):
+        folder = resolve_listed_path(entry, video_list)
+        frames = list_frames(folder) if folder.is_dir() else []
+        problem = "" if frames else ("empty" if folder.is_dir() else "missing")
+        clips.append(Clip(entry=entry, label=label, frames=frames, problem=problem))
+    return clips
+
+
+def source_type(path):
+    """What a training or scoring source is: an ImageData list (a text file of images), an LMDB (a
+    directory with data.mdb) or HDF5 features (a text file listing .h5 files, as `emotiw features`
+    writes it)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "data.mdb").exists():
+            raise UserError(f"{path} is a directory but not an LMDB (no data.mdb); pass a list file or an LMDB")
+        return "lmdb"
+    if not path.is_file():
+        raise UserError(f"{path} not found; pass an ImageData list file (`<image> <label>` per line) or an LMDB")
+    with open(path, errors="replace") as handle:
+        first = next((line.strip() for line in handle if line.strip()), "")
+    return "hdf5" if first.lower().endswith((".h5", ".hdf5")) else "list"
 
 
 # ------------------------------------------------------------------------------------------

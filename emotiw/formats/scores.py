@@ -14,16 +14,17 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from emotiw import EMOTIONS
 from emotiw.errors import UserError
-from emotiw.formats.files import atomic_open, current_umask, replace_dir
-from emotiw.formats.lists import NO_LABEL, parse_list_label
+from emotiw.formats.files import atomic_open, atomic_write_text, current_umask, replace_dir
+from emotiw.formats.lists import NO_LABEL, labels_or_unlabelled, parse_list_label
 from emotiw.formats.mat import load_mat
+from emotiw.metrics import compact_json, plot_confusion
 
 PREDICTION_COLUMNS = ("clip", "label", "prediction", *EMOTIONS, "n_frames", "fallback")
 
@@ -196,7 +197,7 @@ def write_predictions_csv(path, clips, labels, scores, n_frames=None, fallback=N
     """One row per clip: label (-1 when unknown), argmax prediction, the class scores, frame count, flag."""
     scores = np.asarray(scores, dtype=np.float64)
     count = len(scores)
-    labels = [NO_LABEL] * count if labels is None else [int(label) for label in labels]
+    labels = labels_or_unlabelled(labels, count)
     n_frames = [""] * count if n_frames is None else [int(n) for n in n_frames]
     fallback = [""] * count if fallback is None else [int(bool(flag)) for flag in fallback]
     if not len(clips) == len(labels) == len(n_frames) == len(fallback) == count:
@@ -209,6 +210,48 @@ def write_predictions_csv(path, clips, labels, scores, n_frames=None, fallback=N
             writer.writerow([clips[index], labels[index], int(predictions[index]),
                              *(format_score(value) for value in scores[index]),
                              n_frames[index], fallback[index]])
+
+
+def write_clip_outputs(out_dir, clips, labels, scores, metrics, config, n_frames=None, fallback=None):
+    """The per-clip files every scoring run writes: scores.txt, predictions.csv, metrics.json and,
+    with labels, confusion.png; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "scores.txt", out_dir / "predictions.csv", out_dir / "metrics.json"]
+    write_scores_txt(files[0], scores)
+    write_predictions_csv(files[1], clips, labels, scores, n_frames=n_frames, fallback=fallback)
+    atomic_write_text(files[2], compact_json({**metrics, "config": config}))
+    if metrics.get("confusion_matrix") is not None:
+        files.append(out_dir / "confusion.png")
+        plot_confusion(metrics["confusion_matrix"], files[-1],
+                       f"{config['net_name']}: accuracy {metrics['accuracy']:.4f}")
+    return files
+
+
+@dataclass
+class TestResult:
+    """What a scoring run (`test`, `score_features`) wrote and measured: metrics.json's content and
+    the output files."""
+    out: Path
+    metrics: dict
+    files: list = field(default_factory=list)
+
+    @property
+    def accuracy(self):
+        return self.metrics["accuracy"]
+
+    @property
+    def clips(self):
+        """predictions.csv (one row per clip: label, prediction, the 7 scores) as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "predictions.csv")
+
+    @property
+    def frames(self):
+        """frames.csv (one row per face frame: its probabilities) as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "frames.csv")
 
 
 def _usable_stem(stem):

@@ -12,6 +12,7 @@ from typing import Optional
 from emotiw.caffe.env import import_caffe
 from emotiw.errors import UserError
 from emotiw.nets.backbones import layers_and_params
+from emotiw.nets.entry import Preprocessing
 
 SOURCE_TYPES = ("list", "lmdb")
 
@@ -96,9 +97,9 @@ class Inputs:
         """(C, H, W) of one image, as shapes.infer takes it."""
         return self.channels, self.input_size, self.input_size
 
-    def preprocessing(self, preprocessing_type):
-        """The registry's Preprocessing (its type passed in) of these inputs."""
-        return preprocessing_type(input_size=self.input_size, resize=self.resize, crop=self.crop,
+    def preprocessing(self):
+        """The registry's Preprocessing of these inputs."""
+        return Preprocessing(input_size=self.input_size, resize=self.resize, crop=self.crop,
                                   mirror=self.mirror, mean_values=self.mean_values,
                                   mean_file=self.mean_file, scale=self.scale, channels=self.channels)
 

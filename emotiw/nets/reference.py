@@ -10,10 +10,10 @@ from pathlib import Path
 
 from emotiw import nets
 from emotiw.caffe.proto import read_net_param
+from emotiw.caffe.shapes import infer
 from emotiw.errors import UserError
+from emotiw.paths import PROTOTXT_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-PROTOTXT_DIR = REPO / "prototxt"
 # The backend `make bench` measured faster on the CPU at batch 1 and 32, per backbone (bench/NOTES.md
 # 20): pycaffe (our Caffe patches, MKL, BatchNorm folded) for the ResNets, DenseNet and HoloNet,
 # OpenCV's own 3x3 kernels for the VGG nets and mini-Xception. Nets outside the registry run on
@@ -38,13 +38,16 @@ class NetRef:
         return path if path.is_file() else None
 
     @property
-    def paper(self):
-        """"dsn" or "sse": whose preprocessing the net expects ("sse": its test.prototxt data layer's
-        transform, which every registered net but DSN's gets); a net outside the registry is an SSE
-        one when its name says so (sse_...)."""
+    def recipe(self):
+        """The recipe the net's faces are made by (emotiw.recipes), or None (feature classifiers): the
+        registry's, else an SSE one when the net's name says so (sse_...) and DSN's otherwise."""
         if self.entry is not None:
-            return "dsn" if self.entry.paper == "DSN" else "sse"
+            return self.entry.recipe
         return "sse" if self.name.startswith("sse_") else "dsn"
+
+    def param_shapes(self):
+        """{layer: [parameter shape, ...]} of the net, computed without Caffe: what a caffemodel must match."""
+        return infer(read_net_param(self.file)).params
 
     @property
     def preferred_backend(self):

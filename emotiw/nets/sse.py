@@ -17,11 +17,12 @@ import functools
 from typing import Optional
 
 from emotiw.caffe.env import import_caffe
+from emotiw.caffe.shapes import top_shapes
 from emotiw.errors import UserError
 from emotiw.nets import backbones, data
 from emotiw.nets.backbones import BIAS_01, FROZEN_BN, XAVIER, param_specs
+from emotiw.nets.entry import NetEntry
 from emotiw.nets.options import MODES, NetOptions
-from emotiw.nets.shapes import top_shapes
 
 BACKBONES = ("holonet", "densenet121", "resnet50")
 VARIANTS = ("original", "3conv-s_eltwise", "3conv-s_concat", "4conv-c_eltwise", "4conv-c_concat")
@@ -356,14 +357,14 @@ def build_sse(backbone, variant, mode, options=NetOptions()):
     return data.to_proto(n, sse_net_name(backbone, variant), test_data)
 
 
-def registry_entries(entry_type, preprocessing_type):
-    """The 15 SSE nets as `emotiw.nets` registry entries (its NetEntry and Preprocessing types)."""
+def registry_entries():
+    """The 15 SSE nets as `emotiw.nets` registry entries."""
     for backbone in BACKBONES:
         defaults = SSE_DEFAULTS[backbone]
-        preprocessing = defaults.inputs.preprocessing(preprocessing_type)
+        preprocessing = defaults.inputs.preprocessing()
         for variant in VARIANTS:
             name = sse_net_name(backbone, variant)
-            yield entry_type(name=name, caffe_name=name, paper="SSE", backbone=DISPLAY_NAMES[backbone],
+            yield NetEntry(name=name, caffe_name=name, recipe="sse", backbone=DISPLAY_NAMES[backbone],
                              variant=variant, released=variant == defaults.released_variant,
                              preprocessing=preprocessing, pretrained=defaults.pretrained,
                              builder=functools.partial(build_sse, backbone, variant),

@@ -7,19 +7,7 @@ import numpy as np
 from emotiw.errors import UserError
 from emotiw.face.mtcnn import FACENET, Detections, FaceDetector
 from emotiw.formats.files import atomic_open
-
-
-def read_rgb(path):
-    """An image file as HxWx3 uint8 RGB."""
-    import cv2
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as error:  # cv2.imread would only print a warning and return None
-        raise UserError(f"cannot read image {path}: {error.strerror or error}")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise UserError(f"cannot read image {path}: not an image file OpenCV can decode")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+from emotiw.formats.images import read_rgb
 
 
 def draw(image, detections, path):

@@ -30,12 +30,12 @@ from emotiw.caffe.proto import data_layers_in_test, read_net_param
 from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
-from emotiw.formats.db import read_features, read_store, write_store
+from emotiw.execution import Executor, Progress
+from emotiw.formats.db import read_store, read_store_features, write_store
 from emotiw.formats.files import atomic_write_text, file_identity, replace_dir, safe_name
-from emotiw.formats.lists import list_frames, read_list, read_paths, resolve_listed_path, write_list
+from emotiw.formats.lists import list_frames, read_clips, read_list, read_paths, resolve_listed_path, write_list
 from emotiw.formats.mat import save_mat
 from emotiw.nets.reference import resolve_net
-from emotiw.stages.test import read_clips
 
 EXTRACTED = re.compile(r"Extracted features of (\d+) query images")
 
@@ -91,7 +91,7 @@ def leveldb2mat(store, batch_num, batch_size, dim, out, num_images=None, videos=
         raise UserError("--frames maps rows to clips and needs --videos")
     if isinstance(frames, (str, Path)):
         frames = read_paths(frames)[0]
-    feats = read_features(store, batch_num, batch_size, dim, use_lmdb, num_images)
+    feats = read_store_features(store, batch_num, batch_size, dim, use_lmdb, num_images)
     variables = {"feats": feats}
     if videos is not None:
         variables.update(video_features(feats, videos, frames))
@@ -178,56 +178,58 @@ def run_features(net, net_file, weights, blob, store, num_batches, db, log_path,
 
 
 # ------------------------------------------------------------------------------------------
-# On a Ray cluster (emotiw.distributed)
+# Tasks: pieces of the mini-batches (emotiw.execution)
 
-PIECES_PER_WORKER = 4  # a slow node or a killed worker holds up only a small piece
+PIECES_PER_WORKER = 4  # on Ray, a slow node or a killed worker holds up only a small piece
+PIECES = ".pieces"  # the pieces' work folders, inside OUT
 
 
-def extract_piece(net, weights, frames, labels, batch, blob, db, fold, scratch, progress=None):
-    """One piece of `extract` on a Ray worker: extract_features over `frames`, whole mini-batches,
-    in the folder `scratch` of this node's temporary directory (made anew: a killed try leaves it,
-    and kept when extract_features fails, for its log). Returns the store's values in key order and
-    the log."""
-    work = Path(tempfile.gettempdir()) / scratch
+def extract_piece(net, weights, frames, labels, batch, blob, db, fold, work, progress=None):
+    """One task: extract_features over `frames` (whole mini-batches) into `work/store`, in the folder
+    `work` inside OUT (made anew: a killed try leaves it). Returns extract_features' log."""
+    work = Path(work)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work.mkdir(parents=True)
     list_file, net_file, store, log = (work / name for name in ("frames.txt", "test.prototxt", "store", "log"))
     write_list(list_file, frames, labels)
     write_extract_net(net, image_data_layer(net, net_file), list_file, batch, net_file)
     run_features(net, net_file, weights, blob, store, len(frames) // batch, db, log, fold, progress)
-    values = [value for _, value in read_store(store, db == "lmdb")]
-    text = log.read_text()
-    shutil.rmtree(work)
-    return values, text
+    return log.read_text()
 
 
-def extract_on_cluster(cluster, net, weights, frames, labels, batch, num_batches, blob, db, fold, store, log_path):
-    """extract_features on a Ray cluster. A task per clip would change the mini-batches (a local
-    run's batches cross clip boundaries, and a frame list has no clips), so the mini-batches are
-    split into contiguous pieces instead, each given the very frames of its batches in the local run
-    (the last one the wrap-around rows ImageData adds from the list's start). Their values go into
-    the store under the local run's keys, into a folder renamed into place when complete."""
+def extract_pieces(executor, net, weights, frames, labels, batch, num_batches, blob, db, fold, store, log_path):
+    """extract_features in contiguous pieces of the mini-batches: one here, a few per worker on Ray.
+    A local run's mini-batches cross clip boundaries (and a frame list has no clips), so each piece
+    is given the very frames of its batches in one uninterrupted run (the last one the wrap-around
+    rows ImageData adds from the list's start), and its values go into the store under that run's
+    keys, in a folder renamed into place when complete."""
     from uuid import uuid4
 
-    from tqdm import tqdm
-
-    with cluster:
-        pieces = np.array_split(np.arange(num_batches), min(num_batches, cluster.size * PIECES_PER_WORKER))
+    out = store.parent
+    with executor:
+        size = 1 if executor.local else executor.cluster.size * PIECES_PER_WORKER
+        pieces = np.array_split(np.arange(num_batches), min(num_batches, size))
         rows = [np.arange(piece[0] * batch, (piece[-1] + 1) * batch) % len(frames) for piece in pieces]
-        run = uuid4().hex
-        calls = [(net, weights, [frames[r] for r in piece], [labels[r] for r in piece], batch, blob, db, fold,
-                  f"emotiw-extract-{run}-{index}") for index, piece in enumerate(rows)]
+        works = [out / PIECES / f"{uuid4().hex}-{index}" for index in range(len(pieces))]
+        calls = [(net, weights, [frames[r] for r in piece], [labels[r] for r in piece], batch, blob, db, fold, work)
+                 for piece, work in zip(rows, works)]
         names = [f"mini-batches {piece[0]} to {piece[-1]}" for piece in pieces]
+        logs = [""] * len(pieces)
         partial = store.with_name(f".{store.name}.partial")
         if partial.exists():
             shutil.rmtree(partial)
-        logs = [""] * len(pieces)
-        with tqdm(total=num_batches * batch, unit="image", desc="extract_features", disable=None) as bar, \
-                write_store(partial, db) as put:
-            for index, (values, log) in cluster.run(extract_piece, calls, names, bar.update):
-                first = int(pieces[index][0]) * batch
-                put([(b"%010d" % (first + row), value) for row, value in enumerate(values)])  # extract_features' keys
-                logs[index] = log
+        progress = Progress("images", total=num_batches * batch)
+        if len(pieces) == 1:  # the piece's store is the whole store
+            (_, logs[0]), = executor.map(extract_piece, calls, names, progress)
+            os.replace(works[0] / "store", partial)
+        else:
+            with write_store(partial, db) as put:
+                for index, log in executor.map(extract_piece, calls, names, progress):
+                    first = int(pieces[index][0]) * batch
+                    values = [value for _, value in read_store(works[index] / "store", db == "lmdb")]
+                    put([(b"%010d" % (first + row), value) for row, value in enumerate(values)])  # extract_features' keys
+                    logs[index] = log
+    shutil.rmtree(out / PIECES)
     atomic_write_text(log_path, "".join(logs))
     replace_dir(partial, store)
 
@@ -253,7 +255,7 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     leave layers of the deploy net at their random filler init (refused by default); fold: run
     extract_features on copies of the net and weights with BatchNorm and Scale folded into the
     convolution before them (in a temporary folder inside `out`); ray: run extract_features on a Ray
-    cluster, a few pieces of the mini-batches per worker, into the same store (extract_on_cluster):
+    cluster, a few pieces of the mini-batches per worker, into the same store (extract_pieces):
     True for `ray.init()`, or the head node's HOST:PORT; every node must see the net, the weights
     and the frames at the same paths. A rerun with the same inputs skips extract_features and only
     rewrites the .mat.
@@ -264,14 +266,10 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
         raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
     ref = resolve_net(net, "test")
     test_file = ref.file
-    cluster = None
-    if ray:
-        from emotiw.distributed import Cluster
-
-        cluster = Cluster(ray, needs=[weights, test_file])
+    executor = Executor(ray=ray, needs=[weights, test_file, out])
     deploy = ref.sibling("deploy")
     if deploy is not None:  # the test net has ImageData, whose shapes need images; its deploy twin does not
-        check_weights(str(deploy), weights, allow_partial=allow_partial)
+        check_weights(resolve_net(str(deploy)).param_shapes(), weights, str(deploy), allow_partial=allow_partial)
     net_param = read_net_param(test_file)
     layer = image_data_layer(net_param, test_file)
     frames, labels = frames_to_extract(layer, test_file, frame_list, video_list)
@@ -299,15 +297,8 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
         print(f"{store} is up to date; not extracting again", file=sys.stderr)
     else:
         record_file.unlink(missing_ok=True)
-        log_path = out / "extract_features.log"
-        if cluster is None:
-            from tqdm import tqdm
-
-            with tqdm(total=num_batches * batch, unit="image", desc="extract_features", disable=None) as bar:
-                run_features(net_param, net_file, weights, blob, store, num_batches, db, log_path, fold, bar.update)
-        else:
-            extract_on_cluster(cluster, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, store,
-                               log_path)
+        extract_pieces(executor, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, store,
+                       out / "extract_features.log")
         atomic_write_text(record_file, json.dumps(record))
     mat = out / "features.mat"
     variables = leveldb2mat(store, num_batches, batch, None, mat, num_images=len(frames),

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from emotiw.errors import UserError
-from emotiw.formats.files import atomic_open, atomic_path, atomic_write_text, inside
+from emotiw.formats.features import write_feature_file
+from emotiw.formats.files import atomic_open, atomic_write_text, inside
 from emotiw.inputs import Problem
 
 KINDS = ("audio", "lbptop")
@@ -101,13 +102,12 @@ def _audio_inputs(videos, labels, label_map, split, feature_set):
 
 def _lbptop_inputs(faces, split, size):
     from emotiw.descriptors.lbptop import lbp_top
-    from emotiw.formats.lists import read_list, resolve_listed_path
+    from emotiw.formats.lists import labels_or_unlabelled, read_list, resolve_listed_path
 
     video_list = Path(faces) / "lists" / f"{split}_videos.txt"
     entries, labels = read_list(video_list)
-    labels = labels if labels is not None else [-1] * len(entries)
-    clips = [(Path(entry).name, split, int(label), resolve_listed_path(entry, video_list))
-             for entry, label in zip(entries, labels)]
+    clips = [(Path(entry).name, split, label, resolve_listed_path(entry, video_list))
+             for entry, label in zip(entries, labels_or_unlabelled(labels, len(entries)))]
 
     def describe(folder):
         return lbp_top(face_volume(folder, size))
@@ -131,21 +131,6 @@ def face_volume(folder, size=LBP_SIZE):
             raise UserError(f"{path}: not an image OpenCV can read")
         images.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
     return np.stack(images)
-
-
-def write_feature_file(folder, split, data, labels):
-    """`folder/<split>.h5` (`data` N x D and `label` N, float32, for Caffe's HDF5Data) and the
-    source file that lists it, `folder/<split>.txt`; returns the source file."""
-    import h5py
-
-    h5 = inside(folder, f"{split}.h5")
-    with atomic_path(h5) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("data", data=np.asarray(data, dtype=np.float32))
-            handle.create_dataset("label", data=np.asarray(labels, dtype=np.float32))
-    source = inside(folder, f"{split}.txt")
-    atomic_write_text(source, f"{h5.resolve()}\n")
-    return source
 
 
 def _write_errors(folder, split, problems):

@@ -298,13 +298,13 @@ def _stack(tables, normalize, rows):
 def _check_arguments(scores, weights, search, val_scores, names, step):
     count = len(scores)
     if weights is not None and len(weights) != count:
-        raise UserError(f"--weights has {len(weights)} values for {count} score files")
+        raise UserError(f"--model-weights has {len(weights)} values for {count} score files")
     if weights is not None and search:
-        raise UserError("give either --weights or --search, not both")
+        raise UserError("give either --model-weights or --search, not both")
     if weights is not None and not all(math.isfinite(weight) for weight in weights):
-        raise UserError(f"--weights {' '.join(map(str, weights))}: every weight must be a finite number")
+        raise UserError(f"--model-weights {' '.join(map(str, weights))}: every weight must be a finite number")
     if weights is not None and (min(weights) < 0 or max(weights) <= 0):
-        raise UserError("--weights must be non-negative with a positive sum")
+        raise UserError("--model-weights must be non-negative with a positive sum")
     if names is not None and len(names) != count:
         raise UserError(f"--names has {len(names)} names for {count} score files")
     if val_scores is not None and len(val_scores) != count:
@@ -374,19 +374,21 @@ class FuseResult:
         return self.summary["test"]
 
 
-def fuse(scores, out, weights=None, search=False, val_scores=None, val_labels=None, step=0.05, normalize="none",
-         names=None, videos=None) -> FuseResult:
+def fuse(scores, out, model_weights=None, search=False, val_scores=None, val_labels=None, step=0.05,
+         normalize="none", names=None, videos=None) -> FuseResult:
     """Late fusion of per-clip score files: fused = sum_i w_i * s_i / sum_i w_i.
 
     scores: test score files (EmotiW .txt, predictions.csv, FILE.mat[:VARIABLE]); out: the output
-    folder (scores.txt, predictions.csv, submission/, fusion.json); weights: one finite, non-negative
-    weight per file, normalised to sum 1 (default equal); search: search the weights on val_scores (one per test file, same order) with labels from
+    folder (scores.txt, predictions.csv, submission/, fusion.json); model_weights: one finite,
+    non-negative weight per file, normalised to sum 1 (default equal); search: search the weights on
+    val_scores (one per test file, same order) with labels from
     val_labels (a video list) or the predictions.csv files; step: the weight grid step; normalize:
     none, l1 or softmax per row before fusing; names: model names for the report; videos: the test
     video list, which checks row counts and names the clips.
     """
     scores = [str(spec) for spec in scores]
     val_scores = None if val_scores is None else [str(spec) for spec in val_scores]
+    weights = model_weights
     _check_arguments(scores, weights, search, val_scores, names, step)
     tables = [read_score_spec(spec) for spec in scores]
     clips, labels, rows = aligned_clips(tables, videos)

@@ -38,31 +38,28 @@ OUTPUTS = ("frames.csv", "summary.json", "timeline.png", "annotated.mp4")
 
 @dataclass(frozen=True)
 class Model:
-    """The net a prediction runs, and how its input crops are made."""
+    """The net a prediction runs, and the recipe its input crops are made by (emotiw.recipes)."""
     net: str
     weights: Path
-    mode: str  # preprocess --mode
-    size: int | None
-    gray: bool
+    recipe: str
 
 
 def default_model():
     from emotiw.nets import fer
 
-    return Model(fer.NAME, fer.ensure_model(), "sse", fer.INPUTS.input_size, True)
+    return Model(fer.NAME, fer.ensure_model(), "fer2013")
 
 
-def model_for(net, weights, mode=None):
-    """A registered net (or deploy prototxt) with its weights; crops per its paper unless `mode`."""
+def model_for(net, weights, recipe=None):
+    """A registered net (or deploy prototxt) with its weights; crops by its recipe unless `recipe`."""
     from emotiw.nets.reference import resolve_net
 
     ref = resolve_net(net, "deploy")
     if not Path(weights).is_file():
         raise UserError(f"weights {weights} not found")
-    entry = ref.entry
-    gray = entry is not None and entry.preprocessing.channels == 1
-    size = entry.preprocessing.input_size if entry is not None and entry.paper == "FER2013" else None
-    return Model(str(net), Path(weights), mode or ("dsn" if ref.paper == "dsn" else "sse"), size, gray)
+    if not (recipe or ref.recipe):
+        raise UserError(f"{net} classifies feature vectors, not faces; give --recipe or a net of the DSN or SSE recipes")
+    return Model(str(net), Path(weights), recipe or ref.recipe)
 
 
 @dataclass
@@ -95,12 +92,13 @@ class PredictResult:
                              **{emotion: [v.scores[index] for v in done] for index, emotion in enumerate(EMOTIONS)}})
 
 
-def predict(videos, out, net=None, weights=None, mode=None, backend="auto", detect="tracked", fps=None,
+def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", detect="tracked", fps=None,
             every=None, overwrite=False, annotate=True) -> PredictResult:
     """Emotions per frame of each video in `videos` (paths), into `out`/<video name>/.
 
     net / weights: a registered net or deploy prototxt and its caffemodel (default: the embedded
-    fer2013_mini_xception); mode: dsn or sse crops (default: the net's paper); backend: auto,
+    fer2013_mini_xception); recipe: how crops are made, dsn, sse or fer2013 (default: the net's,
+    emotiw.recipes); backend: auto,
     pycaffe or opencv; detect, fps, every: as for preprocess; overwrite: redo finished videos;
     annotate: also write annotated.mp4. The nets load once for all the videos.
     """
@@ -113,7 +111,7 @@ def predict(videos, out, net=None, weights=None, mode=None, backend="auto", dete
     if len(set(names)) != len(names):
         raise UserError(f"two videos share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                         "their outputs would collide in OUT/<name>/")
-    model = default_model() if net is None else model_for(net, weights, mode)
+    model = default_model() if net is None else model_for(net, weights, recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with reusing_nets():
@@ -157,8 +155,8 @@ def _predict_video(video, folder, model, backend, detect, fps, every, annotate):
         faces = work / "faces"
         try:
             with quiet():
-                prep = preprocess(faces, videos=work / "input", split=SPLIT, mode=model.mode, size=model.size,
-                                  gray=model.gray, detect=detect, fps=fps, every=every)
+                prep = preprocess(faces, videos=work / "input", split=SPLIT, recipe=model.recipe, detect=detect,
+                                  fps=fps, every=every)
         except UserError:
             raise UserError(_first_problem(faces / "errors.csv") or "no face found") from None
         with quiet():
@@ -175,8 +173,7 @@ def _predict_video(video, folder, model, backend, detect, fps, every, annotate):
                    "scores": dict(zip(EMOTIONS, scores)), "aggregation": "mean of the face frames' probabilities",
                    "frames": len(rows), "faces": sum(row["detected"] for row in rows),
                    "coverage_percent": prep.summary["coverage_percent"][clip],
-                   "net": model.net, "weights": str(model.weights), "crops": {"mode": model.mode, "size": model.size,
-                                                                               "gray": model.gray},
+                   "net": model.net, "weights": str(model.weights), "recipe": model.recipe,
                    "source_size": sizes["source_size"], "elapsed_s": None}
         write_timeline(finished / "timeline.png", rows, video.name)
         if annotate:

@@ -4,7 +4,6 @@ run the real `caffe train` binary while showing its progress and plotting its cu
 import collections
 import contextlib
 import csv
-import json
 import math
 import os
 import re
@@ -21,8 +20,15 @@ from emotiw.caffe.tools import first_fatal_line, run_tool, start_logged
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
 from emotiw.formats.db import lmdb_labels
-from emotiw.formats.files import atomic_open, atomic_path, atomic_write_text
-from emotiw.formats.lists import read_list, resolve_listed_path
+from emotiw.formats.features import (
+    feature_set_of,
+    read_feature_vectors,
+    standardisation,
+    write_feature_file,
+    write_standardisation,
+)
+from emotiw.formats.files import atomic_open, atomic_path
+from emotiw.formats.lists import read_list, resolve_listed_path, source_type
 from emotiw.nets.options import NetOptions
 from emotiw.processes import Terminated
 
@@ -32,69 +38,19 @@ SOLVERS = re.compile(r"\] (?:Use CPU\.|Using GPUs (.+))$")  # caffe train's devi
 MEAN_SAMPLE = 1000  # images whose mean colour stands for a list's when the images are not checked
 
 
-# ---------------------------------------------------------------- data sources
-
-def source_type(path):
-    """ImageData list (a text file), LMDB (a directory with data.mdb) or HDF5 features (a text file
-    listing .h5 files, as `emotiw features` writes it)."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "data.mdb").exists():
-            raise UserError(f"{path} is a directory but not an LMDB (no data.mdb); pass a list file or an LMDB")
-        return "lmdb"
-    if not path.is_file():
-        raise UserError(f"{path} not found; pass an ImageData list file (`<image> <label>` per line) or an LMDB")
-    with open(path, errors="replace") as handle:
-        first = next((line.strip() for line in handle if line.strip()), "")
-    return "hdf5" if first.lower().endswith((".h5", ".hdf5")) else "list"
-
-
-# ---------------------------------------------------------------- feature vectors (HDF5)
-
-def read_features(source):
-    """(data N x D, labels N) of every .h5 file an HDF5Data source lists."""
-    import h5py
-    import numpy as np
-
-    data, labels = [], []
-    for entry in Path(source).read_text().split():
-        path = resolve_listed_path(entry, source)
-        try:
-            with h5py.File(path, "r") as handle:
-                data.append(handle["data"][()].reshape(len(handle["data"]), -1))
-                labels.append(handle["label"][()].reshape(-1))
-        except (OSError, KeyError) as error:
-            raise UserError(f"{source}: {path} is no HDF5 file with `data` and `label` ({error}); "
-                            "make it with emotiw features") from None
-    return np.concatenate(data).astype(np.float64), np.concatenate(labels)
-
-
-def feature_set_of(source):
-    """features.json's feature set beside an HDF5Data source, or None."""
-    described = Path(source).parent / "features.json"
-    return json.loads(described.read_text()).get("feature_set") if described.is_file() else None
-
-
 def standardise(train, val, out):
-    """Standardised copies of the train and val features (the train mean and std, a std of 0
-    counting as 1) in OUT/standardised/, those statistics in OUT/standardisation.json; returns
-    (train source, val source, dimension)."""
-    import numpy as np
-
-    from emotiw.stages.features import write_feature_file
-
-    (train_data, train_labels), (val_data, val_labels) = read_features(train), read_features(val)
+    """Standardised copies of the train and val features (emotiw.formats.features: the train mean and
+    std) in OUT/standardised/, those statistics in OUT/standardisation.json; returns (train source,
+    val source, dimension)."""
+    (train_data, train_labels), (val_data, val_labels) = read_feature_vectors(train), read_feature_vectors(val)
     if train_data.shape[1] != val_data.shape[1] or feature_set_of(train) != feature_set_of(val):
         raise UserError(f"--train {train} holds {train_data.shape[1]} values of {feature_set_of(train)} per clip "
                         f"but --val {val} {val_data.shape[1]} of {feature_set_of(val)}; describe both the same way")
-    mean, std = train_data.mean(axis=0), train_data.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = standardisation(train_data)
     sources = []
     for name, data, labels in (("train", train_data, train_labels), ("val", val_data, val_labels)):
         sources.append(write_feature_file(out / "standardised", name, (data - mean) / std, labels))
-    atomic_write_text(out / "standardisation.json", json.dumps(
-        {"feature_set": feature_set_of(train), "dimension": int(train_data.shape[1]), "mean": mean.tolist(),
-         "std": std.tolist(), "train": str(Path(train).resolve())}) + "\n")
+    write_standardisation(out, feature_set_of(train), mean, std, train)
     return sources[0], sources[1], int(train_data.shape[1])
 
 
@@ -188,7 +144,7 @@ def preflight(train, val, num_classes, check_images=True):
         if kind == "list":
             labels, means[name] = scan_list(path, check_images)
         elif kind == "hdf5":
-            labels, means[name] = [int(label) for label in read_features(path)[1]], None
+            labels, means[name] = [int(label) for label in read_feature_vectors(path)[1]], None
         else:
             labels, means[name] = lmdb_labels(path), None
         print_histogram(f"{name} ({path})", check_labels(name, labels, num_classes), num_classes)
@@ -511,7 +467,7 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     elif weights:
         if not Path(weights).is_file():
             raise UserError(f"--weights {weights} not found")
-        check_weights(net, weights, options, show_report=True)
+        check_weights(nets.shapes(net, options).params, weights, net, show_report=True)
     command = caffe_command(solver_path, weights, state, gpu)
     print("running: " + " ".join(command))
     curves = resumed_curves(out, state) if state else TrainingCurves()

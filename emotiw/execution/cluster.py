@@ -1,23 +1,20 @@
-"""Ray as the engine for more than one machine: the stages' own per-clip code, one Ray task per clip.
+"""Ray as the engine for more than one machine: a stage's tasks, one Ray task each.
 
-`preprocess`, `test` and `extract` take `ray=None|True|ADDRESS` (`--ray [ADDRESS]`). The stage does
-everything it does locally, and hands only its per-clip work to `Cluster.run`, which calls the
-function the local run calls (preprocess's process_item, test's score_clip over the same forward
-passes as test's local loop) once per clip on the cluster and gives the results back; the stage
-merges them in clip order, so the outputs equal a local run's byte for byte. extract runs
-extract_features, whose mini-batches cross clip boundaries, so its tasks are pieces of those
-mini-batches instead (emotiw.stages.extract.extract_on_cluster).
+`preprocess`, `test` and `extract` take `ray=None|True|ADDRESS` (`--ray [ADDRESS]`), which makes their
+Executor run its tasks through `Cluster.run`: the same function calls as a local run (preprocess's
+clips, test's forward passes of a clip, extract's pieces of mini-batches), whose results the stage
+merges in task order, so the outputs equal a local run's byte for byte.
 
 - Connecting: True is `ray.init()` (the cluster RAY_ADDRESS names, else a new one on this machine);
   an ADDRESS is `ray.init(address=ADDRESS)`. A connection opened here is closed at the end, one the
   caller had is kept. An address that cannot be reached is one line (Ray itself keeps waiting).
 - Actors: the per-process state (pycaffe and OpenCV nets, the MTCNN detector) stays loaded in Ray
-  actors between clips: one actor per GPU of the cluster (num_gpus=1) where it has GPUs, else one per
+  actors between tasks: one actor per GPU of the cluster (num_gpus=1) where it has GPUs, else one per
   CPU, each running one thread of the BLAS and OpenCV (the stages' own thread settings).
 - Paths: each actor works in the caller's working directory, so paths mean what they mean here:
   every node must see the inputs (and preprocess's output folder) at the same paths, on a shared
   file system for one. An actor that does not see them stops the run with one line naming its node.
-- Faults: an actor whose process dies (killed, out of memory) is restarted, and the clip it was
+- Faults: an actor whose process dies (killed, out of memory) is restarted, and the task it was
   running is run again from scratch, up to TASK_RETRIES times. Outputs are written atomically
   (temporary file, then rename), so a killed try leaves nothing half-written behind.
 - Progress: tasks report frames to a counter actor, which the caller's tqdm bars read: they show
@@ -32,7 +29,7 @@ from pathlib import Path
 
 from emotiw.errors import UserError
 
-TASK_RETRIES = 2  # tries after the first for a clip whose worker died
+TASK_RETRIES = 2  # tries after the first for a task whose worker died
 PROGRESS_SECONDS = 0.2  # how often the bars are brought up to date
 CONNECT_SECONDS = 5  # for the head node to answer the reachability probe
 RAY_HELP = ("run the clips on a Ray cluster, one task per clip: ADDRESS (HOST:6379) is its head node; "
@@ -62,10 +59,10 @@ def check_reachable(target):
 
 
 class Cluster:
-    """A Ray cluster to run a stage's clips on: `with Cluster(address) as cluster: cluster.run(...)`.
+    """A Ray cluster to run a stage's tasks on: `with Cluster(address) as cluster: cluster.run(...)`.
 
     The constructor only checks (Ray installed, the address reachable), so that a stage fails at
-    once; entering connects, and `size` is then the number of clips run at a time. `needs`: paths
+    once; entering connects, and `size` is then the number of tasks run at a time. `needs`: paths
     every worker must see (the input folder, the output folder, net files)."""
 
     def __init__(self, address=True, needs=()):
@@ -113,8 +110,8 @@ class Cluster:
         ray = self.ray
         # the counter on this node, which the run cannot outlive anyway
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        counter = ray.remote(num_cpus=0, scheduling_strategy=here)(ClipCounter).remote()
-        worker = ray.remote(max_restarts=-1, max_task_retries=TASK_RETRIES, **self.options)(ClipWorker)
+        counter = ray.remote(num_cpus=0, scheduling_strategy=here)(TaskCounter).remote()
+        worker = ray.remote(max_restarts=-1, max_task_retries=TASK_RETRIES, **self.options)(Worker)
         actors = [worker.remote(os.getcwd()) for _ in range(min(self.size, len(calls)))]
         try:
             nodes = self.start(actors)
@@ -133,7 +130,7 @@ class Cluster:
                     index, actor = running.pop(ref)
                     idle.append(actor)
                     yield index, self.result(ref, labels[index], nodes[actor])
-        finally:  # also on Ctrl-C or an error: the clips still running stop now
+        finally:  # also on Ctrl-C or an error: the tasks still running stop now
             for actor in [*actors, counter]:
                 ray.kill(actor, no_restart=True)
 
@@ -167,8 +164,8 @@ class Cluster:
                             "command again") from None
 
 
-class ClipCounter:
-    """Frames done per task, summed for the bars; a task run again starts its count anew."""
+class TaskCounter:
+    """Units done per task, summed for the bars; a task run again starts its count anew."""
 
     def __init__(self):
         self.counts = {}
@@ -183,14 +180,14 @@ class ClipCounter:
         return sum(self.counts.values())
 
 
-class ClipWorker:
-    """One Ray actor: a process that keeps its nets (and MTCNN detector) loaded between clips."""
+class Worker:
+    """One Ray actor: a process that keeps its nets (and MTCNN detector) loaded between tasks."""
 
     def __init__(self, cwd):
         import ray
 
         from emotiw.caffe.runtime import reusing_nets
-        from emotiw.stages.preprocess import limit_threads
+        from emotiw.execution.workers import limit_threads
 
         self.node = ray.util.get_node_ip_address()
         self.cwd = cwd

@@ -12,7 +12,7 @@ sequence (176 x 144 stored, 193 x 144 displayed, 120 frames at 29.97 fps: one ma
 face about 50 x 65 px and always in frame); bikes.mp4 (640 x 272, 250 frames at 25 fps: traffic,
 with a cyclist's face in some frames, so only BIKES_FACE_FREE is used); scikit-image's
 photographs (PHOTOS, in which our MTCNN finds no face, and the astronaut's head of
-emotiw.demo.scene).
+testmedia.scene).
 
 Each composer returns (frames, truth): RGB uint8 frames of the canvas size and one Shown per frame.
 Every choice (positions, scales, backgrounds, which photo) comes from a generator seeded by `seed`.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emotiw.demo.scene import PAN_MARGIN, astronaut_head, coffee_background, paste, photo
+from testmedia.scene import PAN_MARGIN, astronaut_head, coffee_background, paste, photo
 from emotiw.errors import UserError
 from emotiw.face.video import iter_frames
 from emotiw.formats.files import cache_root

@@ -1,0 +1,60 @@
+"""The flags several commands share, declared once so that their names, defaults and help agree."""
+
+import argparse
+from pathlib import Path
+
+from emotiw.caffe.runtime import BACKENDS
+from emotiw.execution.cluster import RAY_HELP
+from emotiw.face.clip import DETECT_MODES
+from emotiw.recipes import NO_RECIPE, RECIPES
+
+
+def add_net(parser, mode):
+    """--net: a registered name or a prototxt of the given mode (deploy, test)."""
+    parser.add_argument("--net", required=True, help=f"registered net name (prototxt/NAME/{mode}.prototxt) "
+                                                      f"or a {mode}.prototxt path")
+
+
+def add_weights(parser, help="its trained .caffemodel"):
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE.caffemodel", help=help)
+
+
+def add_recipe(parser, help, old_spelling, none=False, default=None):
+    """--recipe (emotiw.recipes), with the flag's earlier name still accepted, unlisted."""
+    choices = (*RECIPES, NO_RECIPE) if none else tuple(RECIPES)
+    parser.add_argument("--recipe", choices=choices, default=default, help=help)
+    parser.add_argument(old_spelling, dest="recipe", choices=choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_backend(parser):
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="pycaffe, opencv (OpenCV DNN) or auto (default): the one `make bench` measured faster "
+                             "for the net (pycaffe for nets outside the registry)")
+
+
+def add_allow_partial(parser, verb):
+    parser.add_argument("--allow-partial", action="store_true",
+                        help=f"{verb} even when the weights leave layers at their random filler init "
+                             "(refused by default: a truncated caffemodel still loads)")
+
+
+def add_fold(parser, what):
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="run BatchNorm and Scale as layers of their own instead of folding them into the "
+                             f"convolution before them (the same {what} within 1e-5, slower)")
+
+
+def add_ray(parser):
+    parser.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help=RAY_HELP)
+
+
+def add_detect(parser):
+    parser.add_argument("--detect", choices=DETECT_MODES, default="tracked",
+                        help="tracked (default): full MTCNN at shot starts and every --redetect-every frames, "
+                             "around the previous faces between; every-frame: full MTCNN on every frame")
+
+
+def add_sampling(parser):
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="keep N frames per second")
+    sampling.add_argument("--every", type=int, metavar="K", help="keep every K-th frame")
