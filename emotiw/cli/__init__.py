@@ -6,11 +6,14 @@ which import caffe and cv2 only when they run, so that `emotiw --help` is quick.
 """
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from emotiw import __version__
 from emotiw.errors import UserError
+from emotiw.formats.images import MAX_MEGAPIXELS_VARIABLE
 from emotiw.processes import Terminated, stop_on_sigterm
 
 COMMAND_MODULES = [
@@ -44,7 +47,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     stop_on_sigterm()
     try:
-        return args.func(args) or 0
+        with pixel_limit_of(args):
+            return args.func(args) or 0
     except UserError as error:
         print(f"emotiw {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -54,6 +58,26 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"emotiw {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def pixel_limit_of(args):
+    """--max-pixels for the command, through the environment so that its worker processes see it too."""
+    limit = getattr(args, "max_pixels", None)
+    if limit is None:
+        yield
+        return
+    if not limit > 0:
+        raise UserError(f"--max-pixels must be above 0, not {limit:g}")
+    previous = os.environ.get(MAX_MEGAPIXELS_VARIABLE)
+    os.environ[MAX_MEGAPIXELS_VARIABLE] = repr(float(limit))
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[MAX_MEGAPIXELS_VARIABLE]
+        else:
+            os.environ[MAX_MEGAPIXELS_VARIABLE] = previous
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from emotiw.cli.options import add_backend
+from emotiw.cli.options import add_backend, add_max_pixels
 from emotiw.face.mtcnn import FACENET
 from emotiw.stages.detect import detect
 
@@ -18,6 +18,7 @@ def register(subparsers):
     parser.add_argument("--scale-factor", type=float, default=FACENET["scale_factor"])
     add_backend(parser)
     parser.add_argument("--draw", metavar="OUT.png", help="write the (single) image with boxes and landmarks")
+    add_max_pixels(parser)
     parser.set_defaults(func=run)
 
 

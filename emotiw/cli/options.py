@@ -6,6 +6,7 @@ from pathlib import Path
 from emotiw.caffe.runtime import BACKENDS
 from emotiw.execution.cluster import RAY_HELP
 from emotiw.face.clip import DETECT_MODES
+from emotiw.formats.images import MAX_MEGAPIXELS
 from emotiw.recipes import NO_RECIPE, RECIPES
 
 
@@ -58,3 +59,15 @@ def add_sampling(parser):
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--fps", type=float, help="keep N frames per second")
     sampling.add_argument("--every", type=int, metavar="K", help="keep every K-th frame")
+
+
+def add_mean_file(parser):
+    parser.add_argument("--mean-file", type=Path, metavar="FILE",
+                        help="the mean.binaryproto a net's data layer subtracts (default: the file its test.prototxt "
+                             "names, looked for in the working directory, then in the repository)")
+
+
+def add_max_pixels(parser):
+    parser.add_argument("--max-pixels", type=float, metavar="MEGAPIXELS",
+                        help=f"largest image or video frame to decode, in megapixels (default {MAX_MEGAPIXELS:g}); "
+                             "larger ones are refused from their header, before they take memory")

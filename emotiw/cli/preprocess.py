@@ -1,6 +1,6 @@
 """`emotiw preprocess`: video clips or face images -> aligned face crops, manifest, lists (emotiw.stages.preprocess)."""
 
-from emotiw.cli.options import add_detect, add_ray, add_recipe, add_sampling
+from emotiw.cli.options import add_detect, add_max_pixels, add_ray, add_recipe, add_sampling
 from emotiw.face.clip import REDETECT_EVERY
 from emotiw.face.shots import SHOT_THRESHOLD
 from emotiw.face.track import SUBJECT_RULES
@@ -47,6 +47,7 @@ def register(subparsers):
                              "else the input folder's name)")
     parser.add_argument("--dsn-frames", action="store_true",
                         help="only write every frame 1024 wide as PNG, as DSN's extract_frames.py did")
+    add_max_pixels(parser)
     parser.set_defaults(func=run)
 
 

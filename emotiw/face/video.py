@@ -22,6 +22,7 @@ import numpy as np
 
 from emotiw.errors import UserError
 from emotiw.formats.files import atomic_open, atomic_path
+from emotiw.formats.images import check_image_header, check_pixels
 
 
 class VideoError(UserError):
@@ -77,6 +78,10 @@ def _open(path):
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
     try:
+        check_image_header(path)  # a still image given as a clip: its codec size shows only once decoded
+    except UserError as error:
+        raise VideoError(str(error)) from None
+    try:
         container = av.open(str(path))
     except av.error.FFmpegError as error:
         kind = _container_kind(path)
@@ -87,6 +92,12 @@ def _open(path):
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: the file has no video stream")
+    context = container.streams.video[0].codec_context
+    try:
+        check_pixels(context.width, context.height)  # before a frame of that size is decoded
+    except UserError as error:
+        container.close()
+        raise VideoError(f"{path}: {error}") from None
     return container
 
 
