@@ -5,8 +5,8 @@ Executor run its tasks through `Cluster.run`: the same function calls as a local
 clips, test's forward passes of a clip, extract's pieces of mini-batches), whose results the stage
 merges in task order, so the outputs equal a local run's byte for byte.
 
-- Connecting: True is `ray.init()` (the cluster RAY_ADDRESS names, else a new one on this machine);
-  an ADDRESS is `ray.init(address=ADDRESS)`. A connection opened here is closed at the end, one the
+- Connecting: True is `ray.init()` (the cluster RAY_ADDRESS names, else a new one on this machine,
+  private: on 127.0.0.1, its files under the emotiw cache); an ADDRESS is `ray.init(address=ADDRESS)`. A connection opened here is closed at the end, one the
   caller had is kept. An address that cannot be reached is one line (Ray itself keeps waiting).
 - Actors: the per-process state (pycaffe and OpenCV nets, the MTCNN detector) stays loaded in Ray
   actors between tasks: one actor per GPU of the cluster (num_gpus=1) where it has GPUs, else one per
@@ -24,7 +24,9 @@ merges in task order, so the outputs equal a local run's byte for byte.
 import collections
 import contextlib
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from emotiw.errors import UserError
@@ -32,6 +34,7 @@ from emotiw.errors import UserError
 TASK_RETRIES = 2  # tries after the first for a task whose worker died
 PROGRESS_SECONDS = 0.2  # how often the bars are brought up to date
 CONNECT_SECONDS = 5  # for the head node to answer the reachability probe
+LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's local-only mode (private_cluster)
 RAY_HELP = ("run the clips on a Ray cluster, one task per clip: ADDRESS (HOST:6379) is its head node; "
             "without it, the cluster RAY_ADDRESS names or a new one on this machine. Every node must see "
             "the inputs and outputs at the same paths (README: More than one machine)")
@@ -79,12 +82,16 @@ class Cluster:
     def __enter__(self):
         ray = self.ray
         if not ray.is_initialized():
+            ours = signal.getsignal(signal.SIGTERM)
             try:
-                ray.init(address=self.address)
+                with self.private_cluster() as private:
+                    ray.init(address=self.address, **private)
             except ConnectionError as error:
                 where = self.address or os.environ.get("RAY_ADDRESS") or "this machine"
                 raise UserError(f"cannot connect to the Ray cluster at {where}: {str(error).splitlines()[0]}; "
                                 "start one with `ray start --head`, or give its head node's HOST:PORT") from None
+            if ours is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, ours)  # ray.init's own exits 15 with a stack dump
             self.opened = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -95,6 +102,35 @@ class Cluster:
             raise UserError("the Ray cluster has no CPU or GPU to run clips on; add a node with "
                             "`ray start --address HEAD:6379`")
         return self
+
+    @contextlib.contextmanager
+    def private_cluster(self):
+        """Yields ray.init's arguments. A cluster that ray.init starts on this machine is private:
+        it listens on 127.0.0.1 only, and keeps its files under the emotiw cache instead of a
+        world-writable /tmp/ray. An address the user gives (or RAY_ADDRESS) is taken as it is."""
+        if self.address or os.environ.get("RAY_ADDRESS"):
+            yield {}
+            return
+        from ray._private import ray_constants
+
+        from emotiw.formats.files import cache_root
+
+        temp = cache_root() / "ray"
+        temp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Ray turns a node address of 127.0.0.1 into the machine's own IP, and binds its gRPC
+        # servers to all interfaces unless the node is on loopback. Its local-only mode (what it
+        # does on macOS and Windows) keeps the node, and so every server, on 127.0.0.1; the
+        # processes it starts read the variable, this one the constant.
+        previous = os.environ.get(LOCAL_ONLY_VARIABLE), ray_constants.ENABLE_RAY_CLUSTER
+        os.environ[LOCAL_ONLY_VARIABLE], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+        try:
+            yield {"_temp_dir": str(temp.resolve()), "include_dashboard": False}
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+            if previous[0] is None:
+                os.environ.pop(LOCAL_ONLY_VARIABLE, None)
+            else:
+                os.environ[LOCAL_ONLY_VARIABLE] = previous[0]
 
     def __exit__(self, *exc):
         if self.opened:
