@@ -10,7 +10,7 @@ pycaffe runs the net with BatchNorm and Scale folded into the convolution before
 """
 
 import contextlib
-import tempfile
+import os
 
 import numpy as np
 
@@ -63,10 +63,13 @@ def folded_twin(caffe, net, param, chains):
 
     folded = fold_params(chains, {name: [blob.data for blob in net.params[name]]
                                   for chain in chains for name in chain.layers})
-    with tempfile.NamedTemporaryFile("w", suffix=".prototxt") as prototxt:  # pycaffe reads nets from files only
-        prototxt.write(text_format.MessageToString(fold_net(param, chains)))
-        prototxt.flush()
-        twin = caffe.Net(prototxt.name, caffe.TEST)
+    # pycaffe reads nets from files only: an in-memory one, so nothing is written to /tmp or OUT
+    fd = os.memfd_create("folded.prototxt")
+    try:
+        os.write(fd, text_format.MessageToString(fold_net(param, chains)).encode())
+        twin = caffe.Net(f"/proc/self/fd/{fd}", caffe.TEST)
+    finally:
+        os.close(fd)
     for name, blobs in twin.params.items():
         for blob, values in zip(blobs, folded.get(name) or [blob.data for blob in net.params[name]]):
             blob.data[...] = values

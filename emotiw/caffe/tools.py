@@ -29,7 +29,8 @@ def tool_command(name, *args):
 def run_tool(name, *args):
     """Runs a tool to completion with its output captured; a failure is a UserError with Caffe's reason."""
     command = tool_command(name, *args)
-    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
+    env = dict(os.environ, GLOG_logtostderr="1")  # else glog writes files and links into /tmp
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent, env=env)
     if result.returncode != 0:
         reason = first_fatal_line(result.stderr or result.stdout)
         raise UserError(f"{name} failed (exit {result.returncode}): {reason}")
