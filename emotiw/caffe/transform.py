@@ -69,7 +69,7 @@ class Transform:
         return mean
 
 
-def _find_mean_file(name, prototxt):
+def find_mean_file(name, prototxt):
     """A mean_file named in a prototxt: as Caffe finds it (working directory), else from the repo."""
     for candidate in (Path(name), REPO / name):
         if candidate.is_file():
@@ -103,7 +103,7 @@ def data_layer_transform(deploy, input_shape, mean_file, label):
     if mean_file is not None:
         mean = read_mean_file(mean_file)
     elif transform.mean_file:
-        mean = read_mean_file(_find_mean_file(transform.mean_file, test_file))
+        mean = read_mean_file(find_mean_file(transform.mean_file, test_file))
     else:
         mean = np.asarray(transform.mean_value, dtype=np.float32) if len(transform.mean_value) else None
     scale = transform.scale if transform is not None else 1.0

@@ -2,7 +2,16 @@
 
 from pathlib import Path
 
-from emotiw.cli.options import add_allow_partial, add_backend, add_fold, add_net, add_ray, add_recipe, add_weights
+from emotiw.cli.options import (
+    add_allow_partial,
+    add_backend,
+    add_fold,
+    add_mean_file,
+    add_net,
+    add_ray,
+    add_recipe,
+    add_weights,
+)
 from emotiw.metrics import metrics_line
 from emotiw.stages.test import AGGREGATIONS, test
 
@@ -27,7 +36,7 @@ def register(subparsers):
     add_recipe(parser, "whose test-time transform: dsn (DSN's resize 256, crop 224, BGR mean), sse or fer2013 "
                        "(the net's test.prototxt data layer), none (a plain resize); default: the net's recipe",
                "--preprocess", none=True)
-    parser.add_argument("--mean-file", type=Path, help="mean.binaryproto for a data layer's transform")
+    add_mean_file(parser)
     parser.add_argument("--prior-list", type=Path, metavar="TRAINLIST",
                         help="training list whose class prior scores clips without a face (default uniform)")
     add_allow_partial(parser, "test")

@@ -37,7 +37,7 @@ from emotiw.stages.fuse import fuse
 from emotiw.stages.preprocess import preprocess
 from emotiw.stages.score_features import score_features
 from emotiw.stages.test import test
-from emotiw.stages.train import newest_solverstate, train
+from emotiw.stages.train import newest_snapshot, train
 
 NETS = ("sse_holonet_3conv-s_concat", "sse_holonet_3conv-s_eltwise")
 # SSE's hand-crafted and audio models, in the order of its fusion weights (CNNs 1, 1, 1, then 4, 7)
@@ -248,7 +248,7 @@ class Demo:
                        display=max(1, c.test_interval // 5), seed=c.seed + 1,
                        bn_moving_average_fraction=c.bn_moving_average_fraction)
         # an interrupted run left a snapshot: go on from it
-        options["resume"] = not self.model(net).is_file() and newest_solverstate(self.train_dir(net)) is not None
+        options["resume"] = not self.model(net).is_file() and newest_snapshot(self.train_dir(net), ".solverstate") is not None
         self.command(f"train {net}", ["train", net, *command_flags(options)], lambda: train(net, **options),
                      done=self.model(net).is_file())
 

@@ -51,15 +51,28 @@ def atomic_write_text(path, text):
 
 
 def replace_dir(finished, target):
-    """Puts the finished folder at `target`, replacing an older one only once the new one is complete."""
+    """Puts the finished folder at `target` in one step, replacing what was there (a folder, a file
+    or a link) only once the new folder is complete; nothing of the old one stays behind."""
     finished, target = Path(finished), Path(target)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(finished, target)
-    if old is not None:
-        shutil.rmtree(old)
+    if not os.path.lexists(target):
+        os.replace(finished, target)
+        return
+    _exchange(finished, target)  # `finished` now holds the old folder, file or link
+    if os.path.isdir(finished) and not os.path.islink(finished):
+        shutil.rmtree(finished)
+    else:
+        os.unlink(finished)
+
+
+def _exchange(a, b):
+    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(b))
 
 
 def file_identity(path):
@@ -88,13 +101,13 @@ def safe_name(name):
 
 
 def inside(root, *parts):
-    """`root / parts`, refused unless it resolves inside `root`: no name, `..` or symbolic link may
-    take a write, or a removal, outside the folder the user named."""
+    """`root / parts`, refused unless it resolves inside `root` and is no symbolic link itself: no
+    name, `..` or link may take a write, or a removal, anywhere the user did not name."""
     root = Path(root)
     path = root.joinpath(*parts)
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise UserError(f"{path} leads outside {root} (through a symbolic link?); emotiw writes only inside "
-                        f"{root}: remove the link or choose another output folder")
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"{path} is a symbolic link or leads outside {root}; emotiw writes only inside {root} "
+                        f"and never through a link: remove the link or choose another output folder")
     return path
 
 

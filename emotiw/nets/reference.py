@@ -5,6 +5,7 @@ registry entry, if any, is found from the `name:` the net carries (nets that `em
 `emotiw train` wrote keep the registry's), never from the folder it lies in.
 """
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def resolve_net(net, mode="deploy"):
         return NetRef(name=entry.name if entry else (param.name or path.stem), file=path, entry=entry)
     entry = nets.get(str(net)) if str(net) in nets.NETS else None
     generated = PROTOTXT_DIR / str(net) / f"{mode}.prototxt"
+    if entry is None and not generated.is_file():
+        close = difflib.get_close_matches(str(net), nets.NETS, n=3)
+        raise UserError(f"no net '{net}': it is neither a registered name nor a prototxt file (no {generated})"
+                        + (f"; did you mean {', '.join(close)}?" if close else "")
+                        + "; `emotiw nets --list` lists the registered nets")
     if not generated.is_file():
         raise UserError(f"no {mode}.prototxt for net '{net}' ({generated} is missing); "
                         "write it with `emotiw nets`, or pass a prototxt path")

@@ -11,6 +11,7 @@ from emotiw.errors import UserError
 from emotiw.formats.files import atomic_path
 from emotiw.formats.onnx_export import caffe_to_onnx, checked_bytes
 from emotiw.nets.reference import resolve_net
+from emotiw.output import output_file
 
 
 @dataclass
@@ -39,9 +40,11 @@ def export(net, weights, onnx, opset=17) -> ExportResult:
     """
     if not Path(weights).is_file():
         raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
-    model = caffe_to_onnx(resolve_net(net, "deploy").file, weights, opset)
-    data = checked_bytes(model)
-    with atomic_path(onnx) as tmp:
-        tmp.write_bytes(data)
+    deploy = resolve_net(net, "deploy").file
+    with output_file(onnx, "export", inputs=[weights, deploy], option="--onnx"):
+        model = caffe_to_onnx(deploy, weights, opset)
+        data = checked_bytes(model)
+        with atomic_path(onnx) as tmp:
+            tmp.write_bytes(data)
     return ExportResult(onnx=Path(onnx), opset=opset, nodes=len(model.graph.node),
                         inputs=_shapes(model.graph.input), outputs=_shapes(model.graph.output))

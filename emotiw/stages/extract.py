@@ -27,6 +27,7 @@ import numpy as np
 
 from emotiw.caffe.fold import fold_files
 from emotiw.caffe.proto import data_layers_in_test, read_net_param
+from emotiw.caffe.transform import find_mean_file
 from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
@@ -36,6 +37,7 @@ from emotiw.formats.files import atomic_write_text, file_identity, replace_dir, 
 from emotiw.formats.lists import list_frames, read_clips, read_list, read_paths, resolve_listed_path, write_list
 from emotiw.formats.mat import save_mat
 from emotiw.nets.reference import resolve_net
+from emotiw.output import output_folder, read_state
 
 EXTRACTED = re.compile(r"Extracted features of (\d+) query images")
 
@@ -243,7 +245,7 @@ class ExtractResult:
 
 
 def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db="leveldb", batch=None,
-            v73=False, allow_partial=False, fold=True, ray=None) -> ExtractResult:
+            v73=False, allow_partial=False, fold=True, ray=None, mean_file=None) -> ExtractResult:
     """Features of every listed frame with Caffe's extract_features, into a LevelDB/LMDB and a .mat.
 
     net: a registered name or a test.prototxt with one TEST-phase ImageData layer; weights: its
@@ -257,8 +259,9 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     convolution before them (in a temporary folder inside `out`); ray: run extract_features on a Ray
     cluster, a few pieces of the mini-batches per worker, into the same store (extract_pieces):
     True for `ray.init()`, or the head node's HOST:PORT; every node must see the net, the weights
-    and the frames at the same paths. A rerun with the same inputs skips extract_features and only
-    rewrites the .mat.
+    and the frames at the same paths; mean_file: the mean.binaryproto the test net's ImageData layer
+    subtracts (default: the one the net names, found from the working directory or the repository).
+    A rerun with the same inputs skips extract_features and only rewrites the .mat.
     """
     if db not in DATABASES:
         raise UserError(f"unknown database {db!r}; choose leveldb or lmdb")
@@ -272,6 +275,11 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
         check_weights(resolve_net(str(deploy)).param_shapes(), weights, str(deploy), allow_partial=allow_partial)
     net_param = read_net_param(test_file)
     layer = image_data_layer(net_param, test_file)
+    if mean_file is not None and not Path(mean_file).is_file():
+        raise UserError(f"--mean-file {mean_file} not found; give the net's mean.binaryproto")
+    if mean_file is not None or layer.transform_param.mean_file:
+        layer.transform_param.mean_file = str(Path(mean_file).resolve() if mean_file is not None else
+                                              find_mean_file(layer.transform_param.mean_file, test_file).resolve())
     frames, labels = frames_to_extract(layer, test_file, frame_list, video_list)
     if not frames:
         raise UserError("no frames to extract: the list is empty or its clip folders hold no images")
@@ -284,24 +292,24 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
         raise UserError(f"--batch must be at least 1, not {batch}")
     num_batches = math.ceil(len(frames) / batch)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    list_file, net_file = out / "frames.txt", out / "test.prototxt"
-    write_list(list_file, frames, labels)
-    write_extract_net(net_param, layer, list_file.resolve(), batch, net_file)
-    store = out / f"{safe_name(blob)}_{db}"
-    record = {"weights": file_identity(weights), "net": net_file.read_text(), "frames": list_file.read_text(),
-              "blob": blob, "batches": num_batches, "backend": db, "fold": fold}
-    record_file = out / "extract.json"
-    done = store.is_dir() and record_file.is_file() and json.loads(record_file.read_text()) == record
-    if done:
-        print(f"{store} is up to date; not extracting again", file=sys.stderr)
-    else:
-        record_file.unlink(missing_ok=True)
-        extract_pieces(executor, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, store,
-                       out / "extract_features.log")
-        atomic_write_text(record_file, json.dumps(record))
-    mat = out / "features.mat"
-    variables = leveldb2mat(store, num_batches, batch, None, mat, num_images=len(frames),
-                            videos=video_list, frames=frames if video_list is not None else None,
-                            use_lmdb=db == "lmdb", v73=v73)
-    return ExtractResult(store=store, mat=mat, variables=variables)
+    with output_folder(out, "extract", inputs=[frame_list, video_list]):
+        list_file, net_file = out / "frames.txt", out / "test.prototxt"
+        write_list(list_file, frames, labels)
+        write_extract_net(net_param, layer, list_file.resolve(), batch, net_file)
+        store = out / f"{safe_name(blob)}_{db}"
+        record = {"weights": file_identity(weights), "net": net_file.read_text(), "frames": list_file.read_text(),
+                  "blob": blob, "batches": num_batches, "backend": db, "fold": fold}
+        record_file = out / "extract.json"
+        done = store.is_dir() and read_state(record_file, "extract") == record
+        if done:
+            print(f"{store} is up to date; not extracting again", file=sys.stderr)
+        else:
+            record_file.unlink(missing_ok=True)
+            extract_pieces(executor, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, store,
+                           out / "extract_features.log")
+            atomic_write_text(record_file, json.dumps(record))
+        mat = out / "features.mat"
+        variables = leveldb2mat(store, num_batches, batch, None, mat, num_images=len(frames),
+                                videos=video_list, frames=frames if video_list is not None else None,
+                                use_lmdb=db == "lmdb", v73=v73)
+        return ExtractResult(store=store, mat=mat, variables=variables)

@@ -26,6 +26,7 @@ from emotiw.errors import UserError
 from emotiw.formats.features import write_feature_file
 from emotiw.formats.files import atomic_open, atomic_write_text, inside
 from emotiw.inputs import Problem
+from emotiw.output import output_folder
 
 KINDS = ("audio", "lbptop")
 LBP_SIZE = 64  # face crops are resized to this side for LBP-TOP
@@ -45,8 +46,6 @@ def features(out, kind, split=None, videos=None, faces=None, labels=None, label_
              feature_set="eGeMAPSv02", size=LBP_SIZE) -> FeaturesResult:
     """Descriptors of every clip of one split: `kind` audio (from `videos`, a clip folder) or
     lbptop (from `faces`, a preprocess output folder, its `split`)."""
-    from tqdm import tqdm
-
     if kind not in KINDS:
         raise UserError(f"unknown feature kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "audio":
@@ -60,6 +59,13 @@ def features(out, kind, split=None, videos=None, faces=None, labels=None, label_
         feature_set = f"LBP-TOP P8 R1 {size}x{size}"
     if not clips:
         raise UserError(f"no clips to describe ({len(problems)} problems)")
+    with output_folder(out, "features", inputs=[videos, faces]):
+        return _describe_clips(out, kind, clips, problems, describe, names, feature_set)
+
+
+def _describe_clips(out, kind, clips, problems, describe, names, feature_set):
+    from tqdm import tqdm
+
     split = clips[0][1]
     folder = inside(out, kind)
     rows, values = [], []
@@ -139,3 +145,4 @@ def _write_errors(folder, split, problems):
         writer = csv.DictWriter(handle, fieldnames=["split", "clip", "source", "message"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(asdict(problem) for problem in problems)
+    return path

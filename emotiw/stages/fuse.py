@@ -25,6 +25,7 @@ from emotiw.errors import UserError
 from emotiw.formats.files import atomic_write_text
 from emotiw.formats.lists import read_list
 from emotiw.formats.scores import clip_stem, read_scores, write_predictions_csv, write_scores_txt, write_submission
+from emotiw.output import output_folder
 
 NORMALIZATIONS = ("none", "l1", "softmax")
 MAX_GRID_MODELS = 5
@@ -410,23 +411,23 @@ def fuse(scores, out, model_weights=None, search=False, val_scores=None, val_lab
     test = _accuracies(stack, labels, weights)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_submission(out / "submission", clips, fused.argmax(axis=1))  # first: it refuses unusable clip names
-    write_scores_txt(out / "scores.txt", fused)
-    write_predictions_csv(out / "predictions.csv", clips, labels, fused)
-    summary = {
-        "models": [{"name": name, "scores": spec, "weight": float(weight), "unit_weight": float(unit),
-                    "missing_clips": int((matched < 0).sum())}
-                   for name, spec, weight, unit, matched in zip(names, scores, weights, units, rows)],
-        "rule": "fused = sum_i w_i * s_i / sum_i w_i",
-        "normalize": normalize,
-        "search": None if found is None else {"method": found.method, "step": step,
-                                              "weight_vectors": found.evaluated},
-        "validation": val,
-        "test": test,
-        "clips": len(clips),
-        "class_order": list(EMOTIONS),
-    }
-    atomic_write_text(out / "fusion.json", json.dumps(summary, indent=2) + "\n")
+    with output_folder(out, "fuse", inputs=[split_score_spec(spec)[0] for spec in scores]):
+        write_submission(out / "submission", clips, fused.argmax(axis=1))  # first: it refuses unusable clip names
+        write_scores_txt(out / "scores.txt", fused)
+        write_predictions_csv(out / "predictions.csv", clips, labels, fused)
+        summary = {
+            "models": [{"name": name, "scores": spec, "weight": float(weight), "unit_weight": float(unit),
+                        "missing_clips": int((matched < 0).sum())}
+                       for name, spec, weight, unit, matched in zip(names, scores, weights, units, rows)],
+            "rule": "fused = sum_i w_i * s_i / sum_i w_i",
+            "normalize": normalize,
+            "search": None if found is None else {"method": found.method, "step": step,
+                                                  "weight_vectors": found.evaluated},
+            "validation": val,
+            "test": test,
+            "clips": len(clips),
+            "class_order": list(EMOTIONS),
+        }
+        atomic_write_text(out / "fusion.json", json.dumps(summary, indent=2) + "\n")
     return FuseResult(out=out, weights=units, scores=fused, clips=clips, summary=summary,
                       table=_report_table(names, units, val, test))

@@ -9,13 +9,16 @@ split "predict") and `test` (the net on the subject's crops). Then, in `OUT/<vid
   * timeline.png: the probabilities over time, shot cuts marked, frames without a face shaded;
   * annotated.mp4: the video with the subject's box and a bar per emotion, H.264, its audio copied.
 Without --net, the embedded model runs: fer2013_mini_xception (emotiw/nets/fer.py), on 64x64
-grayscale crops. A finished video (its folder complete) is skipped unless `overwrite`.
+grayscale crops. A finished video is skipped when its summary.json says it was made from the same
+video file, net, weights and options (unless `overwrite`).
 """
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -27,13 +30,23 @@ import numpy as np
 from emotiw import EMOTIONS
 from emotiw.caffe.runtime import reusing_nets
 from emotiw.errors import UserError
-from emotiw.formats.files import atomic_open, atomic_path, atomic_write_text, replace_dir
+from emotiw.formats.files import (
+    atomic_open,
+    atomic_path,
+    atomic_write_text,
+    file_identity,
+    inside,
+    replace_dir,
+    sha256_of,
+)
+from emotiw.output import output_folder, read_state
 from emotiw.stages.preprocess import preprocess
 from emotiw.stages.test import test
 
 SPLIT = "predict"
 COLOURS = ("#d62728", "#8c564b", "#9467bd", "#2ca02c", "#7f7f7f", "#1f77b4", "#ff7f0e")  # per emotion
 OUTPUTS = ("frames.csv", "summary.json", "timeline.png", "annotated.mp4")
+WORK = ".work"  # OUT/.work/<video>/: preprocess and test of the video being predicted
 
 
 @dataclass(frozen=True)
@@ -93,75 +106,101 @@ class PredictResult:
 
 
 def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", detect="tracked", fps=None,
-            every=None, overwrite=False, annotate=True) -> PredictResult:
+            every=None, overwrite=False, annotate=True, mean_file=None) -> PredictResult:
     """Emotions per frame of each video in `videos` (paths), into `out`/<video name>/.
 
     net / weights: a registered net or deploy prototxt and its caffemodel (default: the embedded
     fer2013_mini_xception); recipe: how crops are made, dsn, sse or fer2013 (default: the net's,
-    emotiw.recipes); backend: auto,
-    pycaffe or opencv; detect, fps, every: as for preprocess; overwrite: redo finished videos;
-    annotate: also write annotated.mp4. The nets load once for all the videos.
+    emotiw.recipes); backend: auto, pycaffe or opencv; detect, fps, every: as for preprocess;
+    overwrite: redo finished videos; annotate: also write annotated.mp4; mean_file: the
+    mean.binaryproto of the net's data layer (as for test). The nets load once for all the videos.
+    A finished video is skipped only when its summary.json records the same video file, net,
+    weights and options; otherwise it is done again, with one line saying what changed.
     """
     if (net is None) != (weights is None):
         raise UserError("give --net and --weights together, or neither for the embedded model")
     videos = [Path(video) for video in videos]
     if not videos:
         raise UserError("no video given")
-    names = [video.stem for video in videos]
+    names = [video_folder_name(video) for video in videos]
     if len(set(names)) != len(names):
         raise UserError(f"two videos share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                         "their outputs would collide in OUT/<name>/")
+    if mean_file is not None and not Path(mean_file).is_file():
+        raise UserError(f"--mean-file {mean_file} not found; give the net's mean.binaryproto")
     model = default_model() if net is None else model_for(net, weights, recipe)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with reusing_nets():
-        results = _predict_all(videos, out, model, backend, detect, fps, every, overwrite, annotate)
+    options = {"recipe": model.recipe, "backend": backend, "detect": detect, "fps": fps, "every": every,
+               "annotate": annotate, "mean_file": None if mean_file is None else file_identity(mean_file)}
+    made_by = {"net": model.net, "weights_sha256": sha256_of(model.weights), "options": options}
+    with output_folder(out, "predict", inputs=videos) as out:
+        shutil.rmtree(inside(out, WORK), ignore_errors=True)  # a killed run's
+        with reusing_nets():
+            results = _predict_all(videos, names, out, model, made_by, overwrite, mean_file)
+        shutil.rmtree(inside(out, WORK), ignore_errors=True)
     if all(result.folder is None for result in results):
-        raise UserError("no video gave a face; see the lines above")
+        failed = [result for result in results if result.problem]
+        detail = f"{failed[0].video}: {failed[0].problem}" + (f" (and {len(failed) - 1} more, above)"
+                                                              if len(failed) > 1 else "")
+        raise UserError(f"no video was predicted; {detail}")
     return PredictResult(out, results)
 
 
-def _predict_all(videos, out, model, backend, detect, fps, every, overwrite, annotate):
+def video_folder_name(video):
+    """OUT/<name>/ of a video: its stem as a safe, visible folder name (no leading dot, no control
+    character or slash, at most 100 characters, with a hash of the whole stem when shortened)."""
+    stem = re.sub(r"[\x00-\x1f\x7f/\\]", "_", Path(video).stem).lstrip(".") or "video"
+    if len(stem) > 100:
+        stem = f"{stem[:83]}-{hashlib.sha256(stem.encode()).hexdigest()[:16]}"
+    return stem
+
+
+def _predict_all(videos, names, out, model, made_by, overwrite, mean_file):
     from tqdm import tqdm
 
     results = []
-    for video in tqdm(videos, desc="videos", unit="video", disable=None):
-        folder = out / video.stem
-        if not overwrite and all((folder / name).is_file() for name in OUTPUTS[:3]):
-            results.append(VideoPrediction(video, folder, skipped=True, **_summary_fields(folder)))
-            continue
+    for video, name in zip(tqdm(videos, desc="videos", unit="video", disable=None), names):
+        folder = inside(out, name)
+        identity = {"video": file_identity(video) if video.is_file() else str(video), **made_by}
+        if not overwrite and all((folder / output).is_file() for output in OUTPUTS[:3]):
+            summary = read_state(folder / "summary.json", "predict")
+            if summary is not None and summary.get("made_by") == identity:
+                results.append(VideoPrediction(video, folder, summary["emotion"], summary["scores"], skipped=True))
+                continue
+            if summary is not None:
+                changed = [key for key in identity if summary.get("made_by", {}).get(key) != identity[key]]
+                tqdm.write(f"emotiw predict: {video}: {folder} was made from another {' and '.join(changed)}; "
+                           f"predicting again", file=sys.stderr)
         try:
-            results.append(_predict_video(video, folder, model, backend, detect, fps, every, annotate))
+            results.append(_predict_video(video, out, name, model, identity, mean_file))
         except UserError as error:
             tqdm.write(f"emotiw predict: {video}: {error}", file=sys.stderr)
             results.append(VideoPrediction(video, None, problem=str(error)))
     return results
 
 
-def _summary_fields(folder):
-    summary = json.loads((folder / "summary.json").read_text())
-    return {"emotion": summary["emotion"], "scores": summary["scores"]}
-
-
-def _predict_video(video, folder, model, backend, detect, fps, every, annotate):
-    if not video.is_file():
+def _predict_video(video, out, name, model, identity, mean_file):
+    if not video.exists():
         raise UserError("no such file")
+    if not video.is_file():
+        raise UserError("not a video file (a folder?); give video files")
+    if video.stat().st_size == 0:
+        raise UserError("the file is empty")
+    options = identity["options"]
     started = time.monotonic()
-    work = folder.with_name(f".{folder.name}.work")
-    shutil.rmtree(work, ignore_errors=True)
+    work = inside(out, WORK, name)
     (work / "input").mkdir(parents=True)
     try:
-        (work / "input" / video.name).symlink_to(video.resolve())
+        (work / "input" / f"{name}{re.sub(r'[^A-Za-z0-9.]', '', video.suffix)}").symlink_to(video.resolve())
         faces = work / "faces"
         try:
             with quiet():
-                prep = preprocess(faces, videos=work / "input", split=SPLIT, recipe=model.recipe, detect=detect,
-                                  fps=fps, every=every)
-        except UserError:
-            raise UserError(_first_problem(faces / "errors.csv") or "no face found") from None
+                prep = preprocess(faces, videos=work / "input", split=SPLIT, recipe=model.recipe,
+                                  detect=options["detect"], fps=options["fps"], every=options["every"])
+        except UserError as error:
+            raise UserError(_first_problem(faces / "errors.csv") or str(error)) from None
         with quiet():
             scored = test(model.net, model.weights, prep.lists[SPLIT].with_name(f"{SPLIT}_videos.txt"),
-                          work / "scores", backend=backend)
+                          work / "scores", backend=options["backend"], mean_file=mean_file)
         rows = _frame_rows(prep, scored.out / "frames.csv")
         (clip,) = prep.summary["coverage_percent"]  # the one clip, named as preprocess names it
         sizes = json.loads((faces / "preprocess.json").read_text())["clips"][clip]
@@ -174,17 +213,17 @@ def _predict_video(video, folder, model, backend, detect, fps, every, annotate):
                    "frames": len(rows), "faces": sum(row["detected"] for row in rows),
                    "coverage_percent": prep.summary["coverage_percent"][clip],
                    "net": model.net, "weights": str(model.weights), "recipe": model.recipe,
-                   "source_size": sizes["source_size"], "elapsed_s": None}
+                   "source_size": sizes["source_size"], "elapsed_s": None, "made_by": identity}
         write_timeline(finished / "timeline.png", rows, video.name)
-        if annotate:
+        if options["annotate"]:
             write_annotated(video, finished / "annotated.mp4", rows, sizes)
         summary["elapsed_s"] = round(time.monotonic() - started, 2)
         summary["scores"] = list(summary["scores"].values())
         atomic_write_text(finished / "summary.json", json.dumps(summary, indent=2) + "\n")
-        replace_dir(finished, folder)
+        replace_dir(finished, inside(out, name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return VideoPrediction(video, folder, summary["emotion"], summary["scores"])
+    return VideoPrediction(video, inside(out, name), summary["emotion"], summary["scores"])
 
 
 def _first_problem(errors):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from emotiw.formats.lists import read_clips, read_list, source_type
 from emotiw.formats.scores import TestResult, format_score, write_clip_outputs, write_scores_txt
 from emotiw.metrics import clip_metrics
 from emotiw.nets.reference import resolve_net
+from emotiw.output import output_folder
 from emotiw.recipes import NO_RECIPE, get_recipe
 
 AGGREGATIONS = ("mean", "sum")
@@ -54,13 +56,18 @@ def _load_checkpoint(path, signature, scores, readable):
     """Fills `scores`/`readable` from a checkpoint of the same run; returns the frames already done."""
     if not path.is_file():
         return 0
-    with np.load(path) as saved:
-        if str(saved["signature"]) != signature:
-            return 0
-        done = int(saved["done"])
-        readable[:done] = saved["readable"][:done]
-        for index, rows in enumerate(scores.values()):
-            rows[:done] = saved[f"blob{index}"][:done]
+    try:
+        with np.load(path) as saved:
+            if str(saved["signature"]) != signature:
+                return 0
+            done = int(saved["done"])
+            readable[:done] = saved["readable"][:done]
+            for index, rows in enumerate(scores.values()):
+                rows[:done] = saved[f"blob{index}"][:done]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        print(f"emotiw test: {path} is damaged; scoring every frame again", file=sys.stderr)
+        readable[:] = False
+        return 0
     return done
 
 
@@ -289,42 +296,43 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
     check_weights(ref.param_shapes(), weights, str(deploy), allow_partial=allow_partial)
     spec = (deploy, weights, backend, ref.preferred_backend, fold, blobs)
-    with reusing_nets():  # the tasks run here get back the net loaded now
-        runner, backend = load_net(*spec)
-        unknown = [name for name in blobs if name not in runner.blob_names]
-        if unknown:
-            raise UserError(f"no blob {', '.join(unknown)} in {deploy}; blobs: {', '.join(runner.blob_names)}")
-        transform = choose_transform(chosen, deploy, runner.input_shape, mean_file)
-        frames = [frame for clip in clips for frame in clip.frames]
-        out = Path(out)
-        checkpoint = out / CHECKPOINT_NAME
-        signature = run_signature(deploy, weights, backend, blobs, transform, frames, fold and backend == "pycaffe")
-        with executor:  # connected before the bar starts
-            scores, readable = score_frames(runner, transform, frames, blobs, batch, spec, checkpoint, signature,
-                                            [len(clip.frames) for clip in clips], executor)
-    if not readable.any():
+    out = Path(out)
+    with output_folder(out, "test", inputs=[videos]):
+        with reusing_nets():  # the tasks run here get back the net loaded now
+            runner, backend = load_net(*spec)
+            unknown = [name for name in blobs if name not in runner.blob_names]
+            if unknown:
+                raise UserError(f"no blob {', '.join(unknown)} in {deploy}; blobs: {', '.join(runner.blob_names)}")
+            transform = choose_transform(chosen, deploy, runner.input_shape, mean_file)
+            frames = [frame for clip in clips for frame in clip.frames]
+            checkpoint = out / CHECKPOINT_NAME
+            signature = run_signature(deploy, weights, backend, blobs, transform, frames, fold and backend == "pycaffe")
+            with executor:  # connected before the bar starts
+                scores, readable = score_frames(runner, transform, frames, blobs, batch, spec, checkpoint, signature,
+                                                [len(clip.frames) for clip in clips], executor)
+        if not readable.any():
+            checkpoint.unlink(missing_ok=True)
+            raise UserError(f"none of the {len(frames)} frame images of the clips of {videos} could be read, "
+                            f"e.g. {frames[0]}; every clip would get the fallback scores")
+        if scores[blobs[0]].shape[1] != len(EMOTIONS):
+            raise UserError(f"blob {blobs[0]} has {scores[blobs[0]].shape[1]} values per frame; the first "
+                            f"--blobs entry must hold the {len(EMOTIONS)} class scores (e.g. prob)")
+        clip_scores, faces = {}, None
+        for name in blobs:
+            clip_scores[name], faces = aggregate(clips, scores[name], readable, agg, prior)
+        labels = np.array([clip.label for clip in clips], dtype=np.int64)
+        metrics = {"clips": len(clips), "clips_with_faces": int((faces > 0).sum()),
+                   "fallback_clips": int((faces == 0).sum()), "frames": len(frames),
+                   **(clip_metrics(labels, clip_scores[blobs[0]], faces) or {"accuracy": None})}
+        metrics["blob_accuracy"] = {name: clip_metrics(labels, clip_scores[name], faces)["accuracy"]
+                                    for name in blobs[1:]
+                                    if clip_scores[name].shape[1] == len(EMOTIONS) and metrics["accuracy"] is not None}
+        metrics.update(report_problems(clips, frames, readable))
+        config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "videos": str(videos),
+                  "backend": backend, "fold": fold, "batch": batch, "aggregation": agg, "blobs": blobs,
+                  "recipe": chosen.name if chosen else NO_RECIPE, "preprocessing": transform.describe(),
+                  "fallback": f"class prior of {prior_list}" if prior_list else "uniform",
+                  "fallback_scores": prior.tolist()}
+        files = write_outputs(out, clips, blobs, scores, readable, clip_scores, faces, metrics, config)
         checkpoint.unlink(missing_ok=True)
-        raise UserError(f"none of the {len(frames)} frame images of the clips of {videos} could be read, "
-                        f"e.g. {frames[0]}; every clip would get the fallback scores")
-    if scores[blobs[0]].shape[1] != len(EMOTIONS):
-        raise UserError(f"blob {blobs[0]} has {scores[blobs[0]].shape[1]} values per frame; the first "
-                        f"--blobs entry must hold the {len(EMOTIONS)} class scores (e.g. prob)")
-    clip_scores, faces = {}, None
-    for name in blobs:
-        clip_scores[name], faces = aggregate(clips, scores[name], readable, agg, prior)
-    labels = np.array([clip.label for clip in clips], dtype=np.int64)
-    metrics = {"clips": len(clips), "clips_with_faces": int((faces > 0).sum()),
-               "fallback_clips": int((faces == 0).sum()), "frames": len(frames),
-               **(clip_metrics(labels, clip_scores[blobs[0]], faces) or {"accuracy": None})}
-    metrics["blob_accuracy"] = {name: clip_metrics(labels, clip_scores[name], faces)["accuracy"]
-                                for name in blobs[1:]
-                                if clip_scores[name].shape[1] == len(EMOTIONS) and metrics["accuracy"] is not None}
-    metrics.update(report_problems(clips, frames, readable))
-    config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "videos": str(videos),
-              "backend": backend, "fold": fold, "batch": batch, "aggregation": agg, "blobs": blobs,
-              "recipe": chosen.name if chosen else NO_RECIPE, "preprocessing": transform.describe(),
-              "fallback": f"class prior of {prior_list}" if prior_list else "uniform",
-              "fallback_scores": prior.tolist()}
-    files = write_outputs(out, clips, blobs, scores, readable, clip_scores, faces, metrics, config)
-    checkpoint.unlink(missing_ok=True)
     return TestResult(out=out, metrics={**metrics, "config": config}, files=files)

@@ -23,6 +23,8 @@ from emotiw.formats.db import build_lmdb
 from emotiw.formats.files import atomic_write_text
 from emotiw.formats.lists import write_lists
 from emotiw.inputs import Problem, discover
+from emotiw.memory import check_fits
+from emotiw.output import output_folder
 from emotiw.recipes import get_recipe
 from emotiw.stages.preprocess.clip import Settings, process_item
 from emotiw.stages.preprocess.coverage import clip_coverage, coverage_problems, print_problem, print_summary, summarise
@@ -37,7 +39,6 @@ from emotiw.stages.preprocess.layout import (
     write_detections,
     write_preprocess_json,
     write_rows,
-    writing_into,
 )
 
 __all__ = ["preprocess", "PreprocessResult"]
@@ -46,6 +47,8 @@ __all__ = ["preprocess", "PreprocessResult"]
 def check_options(size, workers, subject, detect, redetect_every, shot_threshold, min_coverage):
     if (size is not None and size < 1) or workers < 1 or redetect_every < 1:
         raise UserError("--size, --workers and --redetect-every must be positive")
+    if size is not None:  # each worker holds a few crops of size x size (and their float copies)
+        check_fits(size * size * 3 * 4 * workers * 4, f"--size {size} makes crops that take", "lower --size")
     if subject is not None and subject not in SUBJECT_RULES:
         raise UserError(f"--subject must be one of {', '.join(SUBJECT_RULES)}, got {subject!r}")
     if detect not in DETECT_MODES:
@@ -106,7 +109,8 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
         raise UserError(f"no {'images' if images else 'video clips'} found in {root}; give the folder that holds "
                         f"them (AFEW's layout: {root}/<Emotion>/<clip>, or the files in {root} itself)")
     executor = Executor(workers, ray, needs=[root, out])
-    with writing_into(out):
+    with output_folder(out, "preprocess", inputs=[root],
+                       rerun="run the same command again (finished clips are kept)"):
         if dsn_frames:
             return dsn_frames_only(out, root, items, problems, started)
         return _preprocess_items(out, root, items, problems, settings, kind, executor, lmdb, min_coverage, started)

@@ -30,11 +30,11 @@ from emotiw.face.track import choose_subject
 from emotiw.face.video import VideoError, display_size, iter_frames, probe, save_png
 from emotiw.formats.files import atomic_write_text
 from emotiw.formats.images import read_rgb
+from emotiw.output import WRITE_FIXES
 from emotiw.recipes import get_recipe
 from emotiw.stages.preprocess.layout import (
     DETECTION_COLUMNS,
     MANIFEST_COLUMNS,
-    WRITE_FIXES,
     detections_path,
     face_dir,
     info_path,

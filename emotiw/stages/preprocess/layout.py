@@ -6,14 +6,11 @@ found), `OUT/clips/<split>/<clip>.json` (its sizes) and, written last, `OUT/clip
 the parts are merged into `OUT/manifest.csv`, `OUT/detections.csv` and `OUT/preprocess.json`, and
 `OUT/errors.csv` is brought up to date.
 
-A run holds `OUT/.lock` (one run per output folder at a time). A write that fails because the disk
-is full or OUT is read-only stops the run with one line: it is no problem of one clip, every later
-clip would fail the same way.
+OUT is guarded by emotiw.output like every stage's: one run at a time, and a full disk or a
+read-only OUT stops the run with one line.
 """
 
-import contextlib
 import csv
-import errno
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -21,17 +18,12 @@ from pathlib import Path
 
 from emotiw.errors import UserError
 from emotiw.face.mtcnn import LANDMARK_NAMES
-from emotiw.formats.files import atomic_open, atomic_write_text, exclusive_lock, inside
+from emotiw.formats.files import atomic_open, atomic_write_text, inside
 
 BOX_COLUMNS = ["score", "x1", "y1", "x2", "y2"] + [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
 MANIFEST_COLUMNS = ["split", "clip", "label", "frame", "time", "shot", "detected", *BOX_COLUMNS, "track", "crop"]
 DETECTION_COLUMNS = ["split", "clip", "frame", "time", "shot", "face", *BOX_COLUMNS, "track", "subject"]
 ERROR_COLUMNS = ["input", "split", "clip", "source", "message"]
-# What a write says when the disk is full or OUT is not writable, and how to fix it
-WRITE_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space or raise your disk quota",
-               errno.EFBIG: "raise the file size limit (ulimit -f) or use a file system that takes larger files",
-               **dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM),
-                               "make the output folder writable or choose another --out")}
 
 
 @dataclass
@@ -140,25 +132,3 @@ def update_errors(out, input_root, problems):
     rows = kept + [{"input": input_root, **asdict(p)} for p in problems]
     rows.sort(key=lambda r: (r["input"], r["split"], r["clip"], r["source"]))
     write_rows(path, rows, ERROR_COLUMNS)
-
-
-
-@contextlib.contextmanager
-def writing_into(out):
-    """Creates OUT and holds OUT/.lock for the block. A write that fails for want of space or
-    permission becomes one line naming the file and the fix."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create the output folder {out}: {error.strerror}; choose another --out") from None
-    try:
-        with exclusive_lock(out / ".lock", f"another emotiw preprocess is writing into {out} (it holds "
-                                           f"{out / '.lock'}); wait for it to end or choose another --out"):
-            yield
-    except OSError as error:
-        if error.errno not in WRITE_FIXES:
-            raise
-        raise UserError(f"cannot write {error.filename or out}: {error.strerror}; {WRITE_FIXES[error.errno]}, then "
-                        f"run the same command again (finished clips are kept)") from None
-
-

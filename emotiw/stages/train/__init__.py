@@ -1,11 +1,8 @@
 """The `train` stage: write the net's prototxts with the user's data and overrides, check the data, then
 run the real `caffe train` binary while showing its progress and plotting its curves."""
 
-import collections
-import contextlib
 import csv
 import math
-import os
 import re
 import shlex
 import signal
@@ -13,168 +10,22 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from emotiw import EMOTIONS, nets
+from emotiw import nets
 from emotiw.caffe.env import caffe_build_info, caffe_tool
 from emotiw.caffe.log import TrainingCurves
-from emotiw.caffe.tools import first_fatal_line, run_tool, start_logged
+from emotiw.caffe.proto import caffe_pb2
+from emotiw.caffe.tools import first_fatal_line, start_logged
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
-from emotiw.formats.db import lmdb_labels
-from emotiw.formats.features import (
-    feature_set_of,
-    read_feature_vectors,
-    standardisation,
-    write_feature_file,
-    write_standardisation,
-)
-from emotiw.formats.files import atomic_open, atomic_path
-from emotiw.formats.lists import read_list, resolve_listed_path, source_type
+from emotiw.formats.files import atomic_open, atomic_path, inside
+from emotiw.formats.lists import source_type
 from emotiw.nets.options import NetOptions
+from emotiw.output import output_folder
 from emotiw.processes import Terminated
+from emotiw.stages.train.inputs import preflight, standardise, training_mean
 
-MIN_IMAGE_SIDE = 8
 GPU_LIST = re.compile(r"all|\d+(,\d+)*")
 SOLVERS = re.compile(r"\] (?:Use CPU\.|Using GPUs (.+))$")  # caffe train's device line
-MEAN_SAMPLE = 1000  # images whose mean colour stands for a list's when the images are not checked
-
-
-def standardise(train, val, out):
-    """Standardised copies of the train and val features (emotiw.formats.features: the train mean and
-    std) in OUT/standardised/, those statistics in OUT/standardisation.json; returns (train source,
-    val source, dimension)."""
-    (train_data, train_labels), (val_data, val_labels) = read_feature_vectors(train), read_feature_vectors(val)
-    if train_data.shape[1] != val_data.shape[1] or feature_set_of(train) != feature_set_of(val):
-        raise UserError(f"--train {train} holds {train_data.shape[1]} values of {feature_set_of(train)} per clip "
-                        f"but --val {val} {val_data.shape[1]} of {feature_set_of(val)}; describe both the same way")
-    mean, std = standardisation(train_data)
-    sources = []
-    for name, data, labels in (("train", train_data, train_labels), ("val", val_data, val_labels)):
-        sources.append(write_feature_file(out / "standardised", name, (data - mean) / std, labels))
-    write_standardisation(out, feature_set_of(train), mean, std, train)
-    return sources[0], sources[1], int(train_data.shape[1])
-
-
-@contextlib.contextmanager
-def quiet_opencv():
-    """OpenCV logs `[ WARN:0@...] imread_(...): can't open/read file` for a bad image; our own error
-    line says the same, so its warnings are kept off the terminal while the images are read."""
-    import cv2
-
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    try:
-        yield cv2
-    finally:
-        cv2.utils.logging.setLogLevel(previous)
-
-
-def mean_colour(channel_means):
-    import numpy as np
-
-    return tuple(round(float(v), 3) for v in np.mean(channel_means, axis=0))
-
-
-def scan_list(path, check_images=True):
-    """Labels of a list and the mean BGR colour of its images, after checking that every image
-    exists and decodes at a usable size (mean None when the images are not checked)."""
-    from tqdm import tqdm
-
-    entries, labels = read_list(path, "ImageData list", label_required=True)
-    if not check_images:
-        return list(labels), None
-    channel_means = []
-    with quiet_opencv() as cv2:
-        for entry in tqdm(entries, desc=f"checking {Path(path).name}", unit="img", leave=False,
-                          disable=not sys.stderr.isatty()):
-            image = str(resolve_listed_path(entry, path))
-            if not Path(entry).is_absolute() and image != str(Path.cwd() / entry):
-                raise UserError(f"{path}: {entry} lies beside the list, but Caffe reads relative paths from "
-                                f"the working directory; run from {Path(path).resolve().parent} or write "
-                                "absolute paths")
-            decoded = cv2.imread(image, cv2.IMREAD_COLOR)
-            if decoded is None:
-                reason = "not found" if not os.path.exists(image) else "not a readable image"
-                raise UserError(f"{path}: {image} is {reason}; fix or remove that line")
-            if min(decoded.shape[:2]) < MIN_IMAGE_SIDE:
-                raise UserError(f"{path}: {image} is {decoded.shape[1]}x{decoded.shape[0]} pixels, "
-                                f"smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
-            channel_means.append(decoded.reshape(-1, 3).mean(axis=0))
-    return list(labels), mean_colour(channel_means)
-
-
-def sampled_mean_colour(path):
-    """The mean BGR colour of up to MEAN_SAMPLE evenly spaced images of a list that decode: what
-    stands for the training images' mean colour when they are not all checked."""
-    entries, _ = read_list(path, "ImageData list", label_required=True)
-    sample = entries[::math.ceil(len(entries) / MEAN_SAMPLE)]
-    channel_means = []
-    with quiet_opencv() as cv2:
-        for entry in sample:
-            decoded = cv2.imread(str(resolve_listed_path(entry, path)), cv2.IMREAD_COLOR)
-            if decoded is not None:
-                channel_means.append(decoded.reshape(-1, 3).mean(axis=0))
-    if not channel_means:
-        raise UserError(f"{path}: none of {len(sample)} sampled images decodes; run without "
-                        "--skip-image-check to find the bad lines")
-    return mean_colour(channel_means), len(channel_means)
-
-
-def check_labels(name, labels, num_classes):
-    bad = sorted({label for label in labels if not 0 <= label < num_classes})
-    if bad:
-        raise UserError(f"{name}: labels {bad[:10]} are outside 0..{num_classes - 1}; "
-                        f"the net has {num_classes} classes (AFEW order, see `emotiw nets --list`)")
-    return collections.Counter(labels)
-
-
-def print_histogram(name, counts, num_classes):
-    names = EMOTIONS if num_classes == len(EMOTIONS) else [str(i) for i in range(num_classes)]
-    total = sum(counts.values())
-    print(f"{name}: {total} images")
-    for index, label in enumerate(names):
-        share = counts.get(index, 0) / total
-        print(f"  {index} {label:<9} {counts.get(index, 0):>7}  {'#' * round(40 * share)}")
-
-
-def preflight(train, val, num_classes, check_images=True):
-    """Checks both sources; returns the training images' mean BGR colour (None for LMDBs)."""
-    means = {}
-    for name, path in (("train", train), ("val", val)):
-        kind = source_type(path)
-        if kind == "list":
-            labels, means[name] = scan_list(path, check_images)
-        elif kind == "hdf5":
-            labels, means[name] = [int(label) for label in read_feature_vectors(path)[1]], None
-        else:
-            labels, means[name] = lmdb_labels(path), None
-        print_histogram(f"{name} ({path})", check_labels(name, labels, num_classes), num_classes)
-    return means["train"]
-
-
-def training_mean(net, train, out, mean, train_mean):
-    """`mean` (a mean.binaryproto) if given; else the net's released mean values; else (the released
-    nets that used a mean file we do not have) the mean colour of the training images, or
-    compute_image_mean's mean of a training LMDB."""
-    if mean:
-        if not Path(mean).is_file():
-            raise UserError(f"--mean {mean} not found")
-        return {"mean_file": str(Path(mean).resolve())}
-    if nets.get(net).preprocessing.mean_values or nets.get(net).preprocessing.channels == 0:
-        return {}  # feature vectors are standardised instead
-    if train_mean is not None:
-        print(f"no --mean given and {net} used a mean file: subtracting the training images' "
-              f"mean colour (B, G, R) = {train_mean}")
-        return {"mean_values": train_mean}
-    if source_type(train) == "list":  # --skip-image-check: compute_image_mean only reads LMDBs
-        sampled, count = sampled_mean_colour(train)
-        print(f"no --mean given and {net} used a mean file: subtracting the mean colour of {count} "
-              f"training images, (B, G, R) = {sampled}")
-        return {"mean_values": sampled}
-    mean_file = Path(out) / "mean.binaryproto"
-    if not mean_file.exists():
-        run_tool("compute_image_mean", train, mean_file)
-    print(f"no --mean given: using the mean image of {train} ({mean_file})")
-    return {"mean_file": str(mean_file.resolve())}
 
 
 # ---------------------------------------------------------------- prototxts
@@ -186,7 +37,7 @@ def write_training_files(net, train, val, out, options, overrides):
         raise UserError("--train and --val must both be list files, both LMDBs or both HDF5 feature lists")
     options = replace(options, train_source=str(Path(train).resolve()), val_source=str(Path(val).resolve()),
                       source_type=kind)
-    (out / "snapshots").mkdir(exist_ok=True)
+    inside(out, "snapshots").mkdir(exist_ok=True)
     paths = nets.write_net(net, out, options, net_path=(out / "train_val.prototxt").resolve(),
                            snapshot_prefix=(out / "snapshots" / net).resolve(), solver_overrides=overrides)
     return paths["solver"], nets.solver(net, paths["train_val"], overrides=overrides), options
@@ -198,9 +49,21 @@ def snapshot_iteration(path):
     return int(number) if separator and number.isdigit() else -1
 
 
-def newest_solverstate(out):
-    states = sorted((out / "snapshots").glob("*.solverstate"), key=snapshot_iteration)
-    return states[-1] if states else None
+def newest_snapshot(out, suffix):
+    """The newest snapshot (.caffemodel or .solverstate) that reads back whole, or None. A full disk
+    can leave a truncated one behind; it is removed with one line, so neither --resume nor test
+    picks it up."""
+    from google.protobuf.message import DecodeError
+
+    message = caffe_pb2().NetParameter if suffix == ".caffemodel" else caffe_pb2().SolverState
+    for path in sorted(inside(out, "snapshots").glob(f"*{suffix}"), key=snapshot_iteration, reverse=True):
+        try:
+            message().ParseFromString(path.read_bytes())
+            return path
+        except DecodeError:
+            print(f"emotiw train: {path} is truncated (was the disk full?); removing it", file=sys.stderr)
+            path.unlink()
+    return None
 
 
 def resumed_curves(out, state):
@@ -434,8 +297,30 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
                 "snapshot": snapshot, "display": display, "input-size": input_size, "num-classes": num_classes,
                 "mean": mean, "bn-moving-average-fraction": bn_moving_average_fraction, "gpu": gpu,
                 "seed": seed, "skip-image-check": not check_images}  # the CLI flags, for the resume command
-    out.mkdir(parents=True, exist_ok=True)
     nets.get(net)  # an unknown name fails first, listing the valid ones
+    check_solver_options(max_iter=max_iter, batch_size=batch_size, test_batch_size=test_batch_size,
+                         test_interval=test_interval, test_iter=test_iter, snapshot=snapshot, display=display,
+                         base_lr=base_lr)
+    with output_folder(out, "train", inputs=[train, val], rerun="run it again with --resume"):
+        return _train(net, train, val, out, weights, resume, max_iter, base_lr, batch_size, test_batch_size,
+                      test_interval, test_iter, snapshot, display, input_size, num_classes, mean,
+                      bn_moving_average_fraction, gpu, seed, check_images, settings)
+
+
+def check_solver_options(base_lr, **counts):
+    """One line for a solver option that Caffe would take silently or die on (0 turns snapshots
+    and the display off)."""
+    for name, value in counts.items():
+        least = 0 if name in ("snapshot", "display") else 1
+        if value is not None and value < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
+    if base_lr is not None and not (math.isfinite(base_lr) and base_lr > 0):
+        raise UserError(f"--base-lr must be a finite number above 0, not {base_lr}")
+
+
+def _train(net, train, val, out, weights, resume, max_iter, base_lr, batch_size, test_batch_size, test_interval,
+           test_iter, snapshot, display, input_size, num_classes, mean, bn_moving_average_fraction, gpu, seed,
+           check_images, settings):
     fraction = bn_moving_average_fraction
     if fraction is not None and not 0 < fraction < 1:
         raise UserError(f"--bn-moving-average-fraction must be between 0 and 1 (exclusive), not {fraction}")
@@ -460,7 +345,7 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     solver_path, solver, options = write_training_files(net, *sources, out, options, overrides)
     state = None
     if resume:
-        state = newest_solverstate(out)
+        state = newest_snapshot(out, ".solverstate")
         if state is None:
             raise UserError(f"--resume: no .solverstate in {out / 'snapshots'}; start without --resume")
         print(f"resuming from {state}")
@@ -472,8 +357,8 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     print("running: " + " ".join(command))
     curves = resumed_curves(out, state) if state else TrainingCurves()
     status, diverged, stopped_by, solvers = run_caffe(command, out, solver.max_iter, curves)
-    last_model = sorted((out / "snapshots").glob("*.caffemodel"), key=os.path.getmtime)
-    last = str(last_model[-1]) if last_model else "none"
+    last_model = newest_snapshot(out, ".caffemodel")
+    last = str(last_model) if last_model else "none"
     if diverged:
         raise UserError(f"the loss diverged (NaN/inf) at iteration {curves.iteration}; training stopped, "
                         f"last snapshot: {last}; lower --base-lr and start again")
@@ -482,8 +367,9 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
             net, train, val, out, settings)))
     if status != 0:
         reason = first_fatal_line((out / "train.log").read_text(errors="replace"))
+        hint = f"; if {state} is damaged, delete it to resume from the snapshot before" if state else ""
         raise UserError(f"caffe train stopped with status {status} at iteration {curves.iteration} "
-                        f"({reason}); full log: {out / 'train.log'}; last snapshot: {last}")
+                        f"({reason}); full log: {out / 'train.log'}; last snapshot: {last}{hint}")
     best = curves.best_test()
     print(f"final model: {last}")
     if best:
@@ -491,5 +377,5 @@ def train(net, train, val, out, weights=None, resume=False, max_iter=None, base_
     print(f"log {out / 'train.log'}, curves {out / 'curves.png'}")
     files = {kind: out / f"{kind}.prototxt" for kind in ("train_val", "test", "deploy", "solver")}
     files.update(log=out / "train.log", curves=out / "curves.csv", plot=out / "curves.png")
-    return TrainResult(out=out, model=Path(last) if last_model else None, best_val=best,
+    return TrainResult(out=out, model=last_model, best_val=best,
                        iterations=curves.iteration, files=files, solvers=solvers)
