@@ -1,12 +1,15 @@
 """Helpers the test modules share: tiny Caffe nets with seeded weights, clip folders of frames, list
 files, and readers of what the stages write. Fixtures live in conftest.py."""
 
+import contextlib
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from emotiw import EMOTIONS
 from emotiw.caffe.env import import_caffe
@@ -139,3 +142,21 @@ def fer_fixtures():
     faces = np.load(FER_FIXTURES / "inputs.npz")["faces"]
     keras = np.array(json.loads((FER_FIXTURES / "keras.json").read_text())["probabilities"])
     return faces, keras
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """A tmpfs of `size` bytes at `path`; skips the test where mounting is not allowed."""
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def remount(path, options):
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)

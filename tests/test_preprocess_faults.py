@@ -16,7 +16,7 @@ from pathlib import Path
 
 import media
 import pytest
-from helpers import read_csv, snapshot
+from helpers import read_csv, remount, snapshot, tmpfs
 
 from emotiw.cli import main
 from emotiw.formats.lists import read_label_file
@@ -342,24 +342,6 @@ def test_a_write_that_fails_stops_the_run_and_a_rerun_completes(clips, reference
     assert not finished(out) and not (out / "errors.csv").exists()
     assert run_here(clips, out) == 0
     assert snapshot(out) == snapshot(reference)
-
-
-@contextlib.contextmanager
-def tmpfs(path, size):
-    """A tmpfs of `size` bytes at `path`; skips the test where mounting is not allowed."""
-    path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def remount(path, options):
-    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
 def used_bytes(out):
