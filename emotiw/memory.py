@@ -25,3 +25,18 @@ def check_fits(nbytes, what, fix):
     if available is not None and nbytes > SHARE * available:
         raise UserError(f"{what} of {nbytes / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB of "
                         f"memory available; {fix}")
+
+
+def check_batch_fits(net_param, batch, option="--batch"):
+    """check_fits for `batch` images through a deploy net: its blobs at batch 1 (Caffe's own shape
+    rules, emotiw.caffe.shapes), times the batch. Nets whose shapes cannot be computed here pass."""
+    import math
+
+    from emotiw.caffe.shapes import infer
+
+    try:
+        blobs = infer(net_param).blobs.values()
+    except UserError:
+        return
+    per_image = 4 * sum(math.prod(shape[1:]) for shape in blobs if len(shape) > 1)
+    check_fits(batch * per_image, f"{option} {batch} makes blobs", f"lower {option}")

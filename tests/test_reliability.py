@@ -466,3 +466,24 @@ def test_sigterm_under_ray_is_one_line_and_143(material, tmp_path):
     lines = [line for line in err.splitlines() if line.strip() and "WARNING" not in line and "INFO" not in line]
     assert process.returncode == 143, err
     assert lines[-1] == "emotiw test: stopped by SIGTERM" and "Traceback" not in err
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_caffe(material, tmp_path, capsys):
+    """`--size 100000` and huge batches reached Caffe as allocations of tens of GB."""
+    command = stage_command("test", material, tmp_path / "out") + ["--batch", "100000000"]
+    assert main(command) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert "--batch 100000000 makes blobs of" in line and "lower --batch" in line
+    assert main(stage_command("preprocess", material, tmp_path / "p") + ["--size", "100000"]) == 2
+    assert "--size 100000 makes crops that take" in capsys.readouterr().err
+
+
+def test_a_damaged_test_checkpoint_is_scored_again_with_one_line(material, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(stage_command("test", material, out)) == 0
+    expected = (out / "scores.txt").read_text()
+    (out / ".test-checkpoint.npz").write_bytes(b"PK\x03\x04 damaged")
+    capsys.readouterr()
+    assert main(stage_command("test", material, out)) == 0
+    assert ".test-checkpoint.npz is damaged; scoring every frame again" in capsys.readouterr().err
+    assert (out / "scores.txt").read_text() == expected

@@ -64,7 +64,12 @@ def add_sampling(parser):
 def add_mean_file(parser):
     parser.add_argument("--mean-file", type=Path, metavar="FILE",
                         help="the mean.binaryproto a net's data layer subtracts (default: the file its test.prototxt "
-                             "names, looked for in the working directory, then in the repository)")
+                             "names, looked for in the working directory, then in the repository). Of the "
+                             "registered nets, SSE's HoloNet nets name the authors' "
+                             "data/EmotiW_3_norm/EmotiW_3_norm_mean.binaryproto and SSE's ResNet-50 nets "
+                             "models/EmotiW2017/ResNet_mean.binaryproto, neither of them released: give the mean "
+                             "of your training data (`emotiw preprocess --lmdb` writes one); the others subtract "
+                             "mean values and need no file")
 
 
 def add_max_pixels(parser):

@@ -7,7 +7,7 @@ from emotiw.stages.predict import predict
 def register(subparsers):
     parser = subparsers.add_parser(
         "predict", help="videos -> emotions per frame (frames.csv, summary.json, timeline.png, annotated.mp4)",
-        description=__doc__.splitlines()[0] + ". Without --net, the embedded fer2013_mini_xception model.")
+        description=__doc__.splitlines()[0].rstrip(".") + ". Without --net, the embedded fer2013_mini_xception model.")
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any container FFmpeg reads)")
     parser.add_argument("--out", metavar="DIR", default="predictions",
                         help="output folder: one DIR/<video>/ per video (default: ./predictions)")

@@ -36,6 +36,7 @@ from emotiw.formats.db import read_store, read_store_features, write_store
 from emotiw.formats.files import atomic_write_text, file_identity, replace_dir, safe_name
 from emotiw.formats.lists import list_frames, read_clips, read_list, read_paths, resolve_listed_path, write_list
 from emotiw.formats.mat import save_mat
+from emotiw.memory import check_batch_fits
 from emotiw.nets.reference import resolve_net
 from emotiw.output import output_folder, read_state
 
@@ -291,6 +292,8 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     if batch < 1:
         raise UserError(f"--batch must be at least 1, not {batch}")
     num_batches = math.ceil(len(frames) / batch)
+    if deploy is not None:
+        check_batch_fits(read_net_param(deploy), batch)
     out = Path(out)
     with output_folder(out, "extract", inputs=[frame_list, video_list]):
         list_file, net_file = out / "frames.txt", out / "test.prototxt"

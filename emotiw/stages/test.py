@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from emotiw import EMOTIONS, NO_LABEL
+from emotiw.caffe.proto import read_net_param
 from emotiw.caffe.runtime import check_backend, load_net, reusing_nets
 from emotiw.caffe.transform import choose_transform
 from emotiw.caffe.weights import check_weights
@@ -30,6 +31,7 @@ from emotiw.execution import Executor, Progress
 from emotiw.formats.files import atomic_open, file_identity, safe_name
 from emotiw.formats.lists import read_clips, read_list, source_type
 from emotiw.formats.scores import TestResult, format_score, write_clip_outputs, write_scores_txt
+from emotiw.memory import check_batch_fits
 from emotiw.metrics import clip_metrics
 from emotiw.nets.reference import resolve_net
 from emotiw.output import output_folder
@@ -295,6 +297,7 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
         raise UserError(no_frames_message(clips, videos))
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
     check_weights(ref.param_shapes(), weights, str(deploy), allow_partial=allow_partial)
+    check_batch_fits(read_net_param(deploy), batch)
     spec = (deploy, weights, backend, ref.preferred_backend, fold, blobs)
     out = Path(out)
     with output_folder(out, "test", inputs=[videos]):
