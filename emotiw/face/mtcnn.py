@@ -53,14 +53,20 @@ class Detections:
     scores: np.ndarray     # (N,)
     landmarks: np.ndarray  # (N, 5, 2) x, y in LANDMARK_NAMES order
     # Faces come best score first; coordinates are 0-based pixels, not clipped to the image.
+    mesh: object = None    # emotiw.face.mesh.Mesh of the faces, when asked for
+    poses: list = None     # emotiw.face.mesh.Pose per face, with the mesh
 
     def __len__(self):
         return len(self.scores)
 
     def to_json(self):
-        return [{"box": box.tolist(), "score": float(score),
-                 "landmarks": dict(zip(LANDMARK_NAMES, points.tolist()))}
-                for box, score, points in zip(self.boxes, self.scores, self.landmarks)]
+        faces = [{"box": box.tolist(), "score": float(score), "landmarks": dict(zip(LANDMARK_NAMES, points.tolist()))}
+                 for box, score, points in zip(self.boxes, self.scores, self.landmarks)]
+        if self.mesh is not None:
+            for face, points, presence, pose in zip(faces, self.mesh.points, self.mesh.presence, self.poses):
+                face["mesh"] = {"presence": round(float(presence), 6), "points": np.round(points, 2).tolist()}
+                face["pose"] = {"yaw": round(pose.yaw, 2), "pitch": round(pose.pitch, 2), "roll": round(pose.roll, 2)}
+        return faces
 
 
 # ---------------------------------------------------------------------------- images and crops

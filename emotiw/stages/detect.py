@@ -11,9 +11,13 @@ from emotiw.formats.images import read_rgb
 
 
 def draw(image, detections, path):
-    """Boxes in green, landmarks in red; written atomically (format from the file extension)."""
+    """Boxes in green, landmarks in red, mesh points in yellow; written atomically (format from the
+    file extension)."""
     import cv2
     canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    for points in detections.mesh.points if detections.mesh is not None else ():
+        for x, y in np.round(points[:, :2]).astype(int):
+            cv2.circle(canvas, (x, y), 1, (0, 255, 255), -1)
     for box, points in zip(detections.boxes, detections.landmarks):
         x1, y1, x2, y2 = np.round(box).astype(int)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), 2)
@@ -27,11 +31,12 @@ def draw(image, detections, path):
 
 
 def detect(images, min_face_size=FACENET["min_face_size"], thresholds=FACENET["thresholds"],
-           scale_factor=FACENET["scale_factor"], backend="auto", draw_to=None) -> list[Detections]:
+           scale_factor=FACENET["scale_factor"], backend="auto", draw_to=None, mesh=False) -> list[Detections]:
     """MTCNN on image files (paths) or RGB arrays; one Detections per image, best face first.
 
     Defaults are facenet's, which DSN used. backend: auto, pycaffe or opencv. draw_to: a .png/.jpg
-    path to draw the boxes and landmarks of a single image into.
+    path to draw the boxes and landmarks of a single image into. mesh: also the 468 face mesh points
+    and the head pose of every face (emotiw.face.mesh), in `Detections.mesh` and `.poses`.
     """
     import cv2
 
@@ -43,6 +48,13 @@ def detect(images, min_face_size=FACENET["min_face_size"], thresholds=FACENET["t
             raise UserError(f"cannot write {draw_to}: unknown image format; use .png or .jpg")
     pixels = [image if isinstance(image, np.ndarray) else read_rgb(image) for image in images]
     results = FaceDetector(min_face_size, thresholds, scale_factor, backend).detect_batch(pixels)
+    if mesh:
+        from emotiw.face.mesh import FaceMesh, head_pose
+
+        face_mesh = FaceMesh()
+        for image, found in zip(pixels, results):
+            found.mesh = face_mesh.mesh(image, found.boxes, found.landmarks)
+            found.poses = [head_pose(points) for points in found.mesh.points]
     if draw_to is not None:
         draw(pixels[0], results[0], draw_to)
     return results
