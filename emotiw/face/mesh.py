@@ -52,6 +52,11 @@ class Pose:
     scale: float  # source pixels per canonical-mesh centimetre
     translation: np.ndarray  # (3,) where the canonical origin lands, source pixels
     residual: float  # weighted RMS distance of the fit, as a share of the interocular distance
+    rotation: np.ndarray  # (3, 3) R, in the camera's frame
+
+    def fitted(self):
+        """The canonical face (468, 3) placed by this pose: the rigid head that best explains the points."""
+        return self.scale * camera_frame(canonical_face()[0]) @ self.rotation.T + self.translation
 
 
 def roi_transform(box, eyes):
@@ -143,7 +148,7 @@ def interocular(points):
 def head_pose(points):
     """The Pose of one face's 468 points (source pixels), by weighted Procrustes (see the module's notes)."""
     vertices, _, weights = canonical_face()
-    model = vertices * np.array([1.0, -1.0, -1.0])  # into the camera's frame: y down, z away
+    model = camera_frame(vertices)
     target = np.asarray(points, dtype=np.float64)
     w = weights / weights.sum()
     model_mean, target_mean = w @ model, w @ target
@@ -158,7 +163,12 @@ def head_pose(points):
     fitted = scale * model @ rotation.T + translation
     residual = float(np.sqrt(w @ ((fitted - target) ** 2).sum(axis=1))) / max(interocular(target), 1e-6)
     yaw, pitch, roll = euler_angles(rotation)
-    return Pose(yaw, pitch, roll, scale, translation, residual)
+    return Pose(yaw, pitch, roll, scale, translation, residual, rotation)
+
+
+def camera_frame(vertices):
+    """Canonical-face coordinates (y up, z towards the viewer) in the camera's (y down, z away)."""
+    return np.asarray(vertices) * np.array([1.0, -1.0, -1.0])
 
 
 def euler_angles(rotation):
