@@ -8,15 +8,19 @@ the registry's nets (NetEntry.recipe).
 - dsn: facenet's align_dataset_mtcnn.py as DSN ran it (`--image_size 400 --margin 100`) on frames
   that DSN's extract_frames.py wrote 1024 wide, the big central face of every frame; at test time
   DSN's test_video.py: resize to 256x256, centre crop 224x224, subtract BGR (104, 117, 123).
-- sse: the subject's longest track per shot, 5-point similarity warp to 128x128 (SSE frontalised
-  its faces with a 3-D model that was never released; docs/preprocessing.md); at test time what the
-  net's test.prototxt data layer does (resize, crop, mean, scale).
+- sse: the subject's longest track per shot, 5-point similarity warp to 128x128; at test time what
+  the net's test.prototxt data layer does (resize, crop, mean, scale). SSE frontalised its faces
+  with a 3-D face model it never released: `--align frontal` does that with MediaPipe's face mesh
+  and canonical head (emotiw.face.frontal; docs/preprocessing.md says why it is not the default).
 - fer2013: the embedded model's input, SSE's crops at 64x64 in gray.
 """
 
 from dataclasses import dataclass
 
 from emotiw.errors import UserError
+
+# How a face becomes a crop (emotiw.face.align, emotiw.face.frontal); a recipe names one, --align any
+ALIGNMENTS = ("facenet", "similarity", "frontal")
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,67 @@ def test_frontal_landmarks_land_near_the_canonical_template_and_the_expression_s
         gap = np.diff(found[[13, 14], 1])[0] / interocular(found)  # upper and lower inner lip
         source_gap = np.diff(points[[13, 14], 1])[0] / interocular(points)
         assert source_gap > 0.3 and gap > 0.5 * source_gap  # the canonical face's mouth is closed
+
+
+# ------------------------------------------------------------------------- preprocess and predict --align frontal
+
+@pytest.fixture(scope="module")
+def carphone_folder(tmp_path_factory):
+    from testmedia import footage
+
+    folder = tmp_path_factory.mktemp("videos")
+    (folder / "carphone.mp4").symlink_to(footage.footage_dir() / "carphone_pristine.mp4")
+    return folder
+
+
+def test_preprocess_frontal_writes_pose_columns_and_the_mesh_per_clip(carphone_folder, tmp_path):
+    import csv
+
+    from emotiw.stages.preprocess import preprocess
+
+    result = preprocess(tmp_path / "out", videos=carphone_folder, split="val", recipe="sse", align="frontal")
+    with open(result.manifest, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["crop"]]
+    assert rows and all(row["align"] == "frontal" for row in rows)
+    yaws = np.array([float(row["yaw"]) for row in rows])
+    assert np.abs(yaws).max() < 30 and np.ptp(yaws) > 2  # a talking head that moves a little
+    mesh = np.load(tmp_path / "out" / "mesh" / "val" / "carphone.npz")
+    assert mesh["points"].shape == (len(rows), 468, 3) and mesh["frames"].tolist() == [int(r["frame"]) for r in rows]
+    np.testing.assert_allclose(mesh["pose"][:, 0], yaws, atol=0.01)
+    boxes = np.array([[float(row[k]) for k in ("x1", "y1", "x2", "y2")] for row in rows])
+    centres = mesh["points"][:, :, :2].mean(axis=1)  # source pixels, inside the MTCNN box
+    assert ((centres > boxes[:, :2]) & (centres < boxes[:, 2:])).all()
+    similarity = preprocess(tmp_path / "similarity", videos=carphone_folder, split="val", recipe="sse")
+    with open(similarity.manifest, newline="") as handle:
+        assert all(row["align"] == row["yaw"] == "" for row in csv.DictReader(handle))
+
+
+def test_a_face_too_small_for_the_mesh_falls_back_to_similarity_and_says_so():
+    from emotiw.stages.preprocess.clip import frontal_face
+
+    image = skimage.data.astronaut()
+    found = frontal_face(image, np.array([200.0, 100.0, 220.0, 120.0]), np.zeros((5, 2)))
+    assert found.align == "similarity (face 20 px, under 24)" and found.pose is None
+
+
+def test_an_out_made_before_align_existed_is_still_resumed(carphone_folder, tmp_path):
+    import json
+
+    from emotiw.stages.preprocess import preprocess
+
+    out = tmp_path / "out"
+    preprocess(out, videos=carphone_folder, split="val", recipe="sse", max_frames=5)
+    stored = json.loads((out / "preprocess.json").read_text())
+    del stored["settings"]["align"]
+    (out / "preprocess.json").write_text(json.dumps(stored))
+    preprocess(out, videos=carphone_folder, split="val", recipe="sse", max_frames=5)  # no "other settings"
+
+
+def test_predict_frontal_adds_the_head_pose_to_frames_csv(carphone_folder, tmp_path):
+    import emotiw
+
+    result = emotiw.predict([carphone_folder / "carphone.mp4"], tmp_path / "out", align="frontal", annotate=False,
+                            every=10)
+    frames = result.videos[0].frames
+    assert {"yaw", "pitch", "roll"} <= set(frames.columns)
+    assert frames.loc[frames.detected == 1, "yaw"].notna().all()

@@ -44,9 +44,12 @@ def golden():
     return np.stack(crops), np.load(FIXTURES / "tflite.npz")
 
 
-def test_caffe_gives_tflites_landmarks_and_presence_on_real_faces(face_mesh, golden):
+@pytest.mark.parametrize("backend", ["pycaffe", "opencv"])
+def test_caffe_gives_tflites_landmarks_and_presence_on_real_faces(backend, golden):
     crops, reference = golden
     assert len(crops) >= 20
+    face_mesh = FaceMesh(backend)
+    assert face_mesh.backend == backend
     points, presence = face_mesh.run(crops)
     assert np.abs(points[..., :2] - reference["points"][..., :2]).max() < 0.5  # crop pixels, of 192
     assert np.abs(points[..., 2] - reference["points"][..., 2]).max() < 0.5

@@ -7,7 +7,7 @@ from emotiw.caffe.runtime import BACKENDS
 from emotiw.execution.cluster import RAY_HELP
 from emotiw.face.clip import DETECT_MODES
 from emotiw.formats.images import MAX_MEGAPIXELS
-from emotiw.recipes import NO_RECIPE, RECIPES
+from emotiw.recipes import ALIGNMENTS, NO_RECIPE, RECIPES
 
 
 def add_net(parser, mode):
@@ -76,3 +76,10 @@ def add_max_pixels(parser):
     parser.add_argument("--max-pixels", type=float, metavar="MEGAPIXELS",
                         help=f"largest image or video frame to decode, in megapixels (default {MAX_MEGAPIXELS:g}); "
                              "larger ones are refused from their header, before they take memory")
+
+
+def add_align(parser):
+    parser.add_argument("--align", choices=ALIGNMENTS,
+                        help="how a face becomes a crop (default: the recipe's): facenet (the box with a margin), "
+                             "similarity (5 points onto a template), frontal (MediaPipe's face mesh on Caffe and "
+                             "its canonical head, seen from the front; adds yaw, pitch, roll to the outputs)")

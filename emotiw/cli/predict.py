@@ -1,6 +1,14 @@
 """`emotiw predict`: your own videos -> emotions per frame, timeline, annotated video (emotiw.stages.predict)."""
 
-from emotiw.cli.options import add_backend, add_detect, add_max_pixels, add_mean_file, add_recipe, add_sampling
+from emotiw.cli.options import (
+    add_align,
+    add_backend,
+    add_detect,
+    add_max_pixels,
+    add_mean_file,
+    add_recipe,
+    add_sampling,
+)
 from emotiw.stages.predict import predict
 
 
@@ -20,6 +28,7 @@ def register(subparsers):
     add_sampling(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo videos finished by an earlier run")
     parser.add_argument("--no-video", action="store_true", help="skip annotated.mp4")
+    add_align(parser)
     add_max_pixels(parser)
     parser.set_defaults(func=run)
 
@@ -27,7 +36,8 @@ def register(subparsers):
 def run(args):
     result = predict(args.videos, args.out, net=args.net, weights=args.weights, recipe=args.recipe,
                      backend=args.backend, detect=args.detect, fps=args.fps, every=args.every,
-                     overwrite=args.overwrite, annotate=not args.no_video, mean_file=args.mean_file)
+                     overwrite=args.overwrite, annotate=not args.no_video, mean_file=args.mean_file,
+                     align=args.align)
     for video in result.videos:
         if video.folder is not None:
             state = "already done" if video.skipped else "done"

@@ -96,31 +96,44 @@ def visibility(points, template):
     return np.clip(ratio / VISIBLE_AREA, 0.0, 1.0)
 
 
+@functools.cache
+def _pixel_maps(size):
+    """Sparse (size * size, 468) matrices taking the 468 placed points to every crop pixel's source
+    position: its triangle's vertices weighted by its barycentric coordinates, and the same with
+    the vertices' mirror images. One sparse product per map instead of a gather per pixel."""
+    from scipy.sparse import csr_matrix
+
+    _, owner, barycentric = frontal_template(size)
+    corners = canonical_face()[1][np.maximum(owner, 0)].reshape(-1, 3)
+    rows = np.repeat(np.arange(size * size), 3)
+    weights = barycentric.reshape(-1).astype(np.float32)
+    shape = (size * size, len(mirror_vertices()))
+    return (csr_matrix((weights, (rows, corners.ravel())), shape=shape),
+            csr_matrix((weights, (rows, mirror_vertices()[corners].ravel())), shape=shape))
+
+
 def frontal_crop(image, points, size, pose=None):
     """The size x size frontal RGB crop of one face of `image` from its 468 mesh points (source
     pixels); `pose`: their head_pose, when already known."""
     import cv2
 
-    template, owner, barycentric = frontal_template(size)
-    triangles = canonical_face()[1]
-    points = (pose or head_pose(points)).fitted()
-    inside = owner >= 0
-    own_corners = triangles[np.maximum(owner, 0)]  # (size, size, 3) vertex indices
-    mirror = mirror_vertices()[own_corners]
-    own_map = (barycentric[..., None] * points[own_corners, :2]).sum(axis=2)
-    mirror_map = (barycentric[..., None] * points[mirror, :2]).sum(axis=2)
-    seen = visibility(points, template)
+    template, owner, _ = frontal_template(size)
+    own_pixels, mirror_pixels = _pixel_maps(size)
+    pose = pose or head_pose(points)
+    placed = pose.fitted()[:, :2].astype(np.float32)
+    own_map = np.asarray(own_pixels @ placed, dtype=np.float32).reshape(size, size, 2)
+    mirror_map = np.asarray(mirror_pixels @ placed, dtype=np.float32).reshape(size, size, 2)
+    seen = visibility(placed, template)
     # blend towards the mirror only where the mirror triangle is better seen
     seen = np.where(seen[mirror_triangles()] > seen, seen, 1.0)
-    weight = seen[np.maximum(owner, 0)]
-    background = cv2.warpAffine(image, similarity_matrix(five_points(points), size), (size, size),
-                                flags=cv2.INTER_LINEAR, borderValue=0.0).astype(np.float32)
-    own = cv2.remap(image, own_map[..., 0].astype(np.float32), own_map[..., 1].astype(np.float32),
-                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32)
-    mirrored = cv2.remap(image, mirror_map[..., 0].astype(np.float32), mirror_map[..., 1].astype(np.float32),
-                         cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32)
-    face = weight[..., None] * own + (1 - weight[..., None]) * mirrored
-    blended = np.where(inside[..., None], face, background)
+    blend = seen[np.maximum(owner, 0)].astype(np.float32)[..., None]
+    background = cv2.warpAffine(image, similarity_matrix(five_points(placed), size), (size, size),
+                                flags=cv2.INTER_LINEAR, borderValue=0.0)
+    own = cv2.remap(image, own_map[..., 0], own_map[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    mirrored = cv2.remap(image, mirror_map[..., 0], mirror_map[..., 1], cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT)
+    face = blend * own + (1 - blend) * mirrored
+    blended = np.where((owner >= 0)[..., None], face, background)
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 

@@ -84,13 +84,15 @@ def crop(image, transform):
 
 
 class FaceMesh:
-    """The face mesh net, loaded once. `backend`: as emotiw.caffe.runtime.load_net."""
+    """The face mesh net, loaded once. `backend`: as emotiw.caffe.runtime.load_net; "auto" takes
+    OpenCV's DNN module, which runs the same Caffe files about 4 times faster here (its depthwise
+    convolutions; pycaffe loops over the groups), with outputs within 1e-4 px of pycaffe's."""
 
-    def __init__(self, backend="pycaffe", model_dir=None):
+    def __init__(self, backend="auto", model_dir=None):
         from emotiw.caffe.runtime import load_net
 
         deploy, weights = ensure_model() if model_dir is None else ensure_model(model_dir)
-        self.net, self.backend = load_net(deploy, weights, backend, "pycaffe")
+        self.net, self.backend = load_net(deploy, weights, backend, "opencv")
 
     def run(self, crops):
         """(points in crop pixels (N, 468, 3), presence (N,)) for float32 (N, 192, 192, 3) crops."""

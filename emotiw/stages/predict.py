@@ -46,6 +46,7 @@ from emotiw.stages.test import test
 SPLIT = "predict"
 COLOURS = ("#d62728", "#8c564b", "#9467bd", "#2ca02c", "#7f7f7f", "#1f77b4", "#ff7f0e")  # per emotion
 OUTPUTS = ("frames.csv", "summary.json", "timeline.png", "annotated.mp4")
+POSE = ("yaw", "pitch", "roll")  # degrees, emotiw.face.mesh's convention
 WORK = ".work"  # OUT/.work/<video>/: preprocess and test of the video being predicted
 
 
@@ -106,14 +107,15 @@ class PredictResult:
 
 
 def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", detect="tracked", fps=None,
-            every=None, overwrite=False, annotate=True, mean_file=None) -> PredictResult:
+            every=None, overwrite=False, annotate=True, mean_file=None, align=None) -> PredictResult:
     """Emotions per frame of each video in `videos` (paths), into `out`/<video name>/.
 
     net / weights: a registered net or deploy prototxt and its caffemodel (default: the embedded
     fer2013_mini_xception); recipe: how crops are made, dsn, sse or fer2013 (default: the net's,
     emotiw.recipes); backend: auto, pycaffe or opencv; detect, fps, every: as for preprocess;
     overwrite: redo finished videos; annotate: also write annotated.mp4; mean_file: the
-    mean.binaryproto of the net's data layer (as for test). The nets load once for all the videos.
+    mean.binaryproto of the net's data layer (as for test); align: as preprocess's (frontal adds
+    the head pose, yaw, pitch and roll, to frames.csv). The nets load once for all the videos.
     A finished video is skipped only when its summary.json records the same video file, net,
     weights and options; otherwise it is done again, with one line saying what changed.
     """
@@ -130,7 +132,8 @@ def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", de
         raise UserError(f"--mean-file {mean_file} not found; give the net's mean.binaryproto")
     model = default_model() if net is None else model_for(net, weights, recipe)
     options = {"recipe": model.recipe, "backend": backend, "detect": detect, "fps": fps, "every": every,
-               "annotate": annotate, "mean_file": None if mean_file is None else file_identity(mean_file)}
+               "annotate": annotate, "mean_file": None if mean_file is None else file_identity(mean_file),
+               "align": align}
     made_by = {"net": model.net, "weights_sha256": sha256_of(model.weights), "options": options}
     with output_folder(out, "predict", inputs=videos) as out:
         shutil.rmtree(inside(out, WORK), ignore_errors=True)  # a killed run's
@@ -195,7 +198,8 @@ def _predict_video(video, out, name, model, identity, mean_file):
         try:
             with quiet():
                 prep = preprocess(faces, videos=work / "input", split=SPLIT, recipe=model.recipe,
-                                  detect=options["detect"], fps=options["fps"], every=options["every"])
+                                  detect=options["detect"], fps=options["fps"], every=options["every"],
+                                  align=options["align"])
         except UserError as error:
             raise UserError(_first_problem(faces / "errors.csv") or str(error)) from None
         with quiet():
@@ -255,7 +259,8 @@ def _frame_rows(prep, test_frames):
             rows.append({"frame": int(row["frame"]), "time": float(row["time"]), "shot": int(row["shot"]),
                          "detected": int(probs is not None),
                          "box": [float(row[name]) for name in ("x1", "y1", "x2", "y2")] if probs else None,
-                         "probabilities": probs})
+                         "probabilities": probs,
+                         "pose": [float(row[name]) for name in POSE] if probs and row.get("yaw") else None})
     return rows
 
 
@@ -271,6 +276,10 @@ def frames_table(rows):
     probs = probs.reshape(-1, len(EMOTIONS))
     for index, name in enumerate(("x1", "y1", "x2", "y2")):
         table[name] = boxes[:, index].round(2)
+    if any(row.get("pose") for row in rows):  # --align frontal: the head pose of each face frame
+        poses = np.array([row.get("pose") or [np.nan] * 3 for row in rows], dtype=np.float64).reshape(-1, 3)
+        for index, name in enumerate(POSE):
+            table[name] = poses[:, index].round(2)
     table["prediction"] = [EMOTIONS[int(np.argmax(p))] if row["probabilities"] else None
                            for p, row in zip(probs, rows)]
     for index, emotion in enumerate(EMOTIONS):

@@ -25,7 +25,7 @@ from emotiw.formats.lists import write_lists
 from emotiw.inputs import Problem, discover
 from emotiw.memory import check_fits
 from emotiw.output import output_folder
-from emotiw.recipes import get_recipe
+from emotiw.recipes import ALIGNMENTS, get_recipe
 from emotiw.stages.preprocess.clip import Settings, process_item
 from emotiw.stages.preprocess.coverage import clip_coverage, coverage_problems, print_problem, print_summary, summarise
 from emotiw.stages.preprocess.frames import dsn_frames_only
@@ -62,7 +62,7 @@ def check_options(size, workers, subject, detect, redetect_every, shot_threshold
 def preprocess(out, videos=None, images=None, labels=None, label_map="afew", aligned=False, recipe="dsn",
                size=None, gray=None, fps=None, every=None, max_frames=None, workers=1, lmdb=False, split=None,
                dsn_frames=False, subject=None, detect="tracked", redetect_every=REDETECT_EVERY,
-               shot_threshold=SHOT_THRESHOLD, min_coverage=None, ray=None) -> PreprocessResult:
+               shot_threshold=SHOT_THRESHOLD, min_coverage=None, ray=None, align=None) -> PreprocessResult:
     """Video clips (or still face images) -> MTCNN faces -> the subject's aligned crops and Caffe lists.
 
     out: the output folder; a run into it again resumes (same settings only). videos: an AFEW-style
@@ -82,7 +82,9 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     clips whose subject is in fewer than this percentage of frames get a line in errors.csv; ray:
     run the clips on a Ray cluster instead of `workers` processes, one task per clip
     (emotiw.execution): True for `ray.init()`, or the head node's HOST:PORT; every node must see the
-    inputs and `out` at the same paths.
+    inputs and `out` at the same paths; align: how a face becomes a crop, facenet, similarity or
+    frontal (default: the recipe's); frontal also writes yaw, pitch, roll and align to the manifest
+    and the subject's 468 mesh points to OUT/mesh/<split>/<clip>.npz.
     """
     started = time.monotonic()
     out = Path(out)
@@ -98,8 +100,10 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
         raise UserError("--ray runs one clip per CPU of the cluster; drop --workers (and --dsn-frames, which "
                         "runs on this machine only)")
     chosen = get_recipe(recipe)
+    if align is not None and align not in ALIGNMENTS:
+        raise UserError(f"--align must be one of {', '.join(ALIGNMENTS)}, got {align!r}")
     settings = Settings(recipe=chosen.name, size=size or chosen.crop_size, gray=chosen.gray if gray is None else gray,
-                        fps=fps, every=every, max_frames=max_frames, aligned=aligned,
+                        fps=fps, every=every, max_frames=max_frames, aligned=aligned, align=align,
                         subject=subject or chosen.subject, detect=detect, redetect_every=redetect_every,
                         shot_threshold=float(shot_threshold))
     kind = "image" if images else "video"

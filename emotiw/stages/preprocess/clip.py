@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emotiw.errors import UserError
-from emotiw.face.align import align_face, resize_whole
+from emotiw.face.align import align_face, resize_whole, to_gray
 from emotiw.face.clip import REDETECT_EVERY, find_faces
+from emotiw.face.frontal import frontal_crop
+from emotiw.face.mesh import MIN_FACE, PRESENCE_THRESHOLD, FaceMesh, head_pose
 from emotiw.face.mtcnn import FACENET, LANDMARK_NAMES, Detections, FaceDetector
 from emotiw.face.shots import SHOT_THRESHOLD, ShotDetector
 from emotiw.face.track import choose_subject
 from emotiw.face.video import VideoError, display_size, iter_frames, probe, save_png
-from emotiw.formats.files import atomic_write_text
+from emotiw.formats.files import atomic_path, atomic_write_text
 from emotiw.formats.images import read_rgb
 from emotiw.output import WRITE_FIXES
 from emotiw.recipes import get_recipe
@@ -38,11 +40,13 @@ from emotiw.stages.preprocess.layout import (
     detections_path,
     face_dir,
     info_path,
+    mesh_path,
     part_path,
     write_rows,
 )
 
 PREFETCH_FRAMES = 8  # decoded frames waiting for detection, cropping or writing
+MAX_RESIDUAL = 0.15  # of the interocular distance: a mesh the canonical face explains worse is not frontalised
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Settings:
     every: int | None
     max_frames: int | None
     aligned: bool
+    align: str | None = None  # facenet, similarity or frontal; None: the recipe's alignment
     subject: str = "facenet"
     detect: str = "tracked"
     redetect_every: int = REDETECT_EVERY
@@ -65,7 +70,7 @@ class Settings:
 
     @property
     def alignment(self):
-        return get_recipe(self.recipe).alignment
+        return self.align or get_recipe(self.recipe).alignment
 
     @property
     def margin(self):
@@ -89,6 +94,16 @@ class ClipOutput:
     rows: list  # manifest rows
     detections: list  # detections.csv rows
     info: dict  # the clip's entry in preprocess.json
+    meshes: dict = field(default_factory=dict)  # frame index -> FrontalFace (--align frontal)
+
+
+@dataclass
+class FrontalFace:
+    """What --align frontal found for one crop: the mesh (source pixels) and pose, or why not."""
+    points: np.ndarray | None  # (468, 3)
+    presence: float
+    pose: object  # emotiw.face.mesh.Pose, or None
+    align: str  # "frontal", or "similarity (<why>)" for a face the mesh cannot take
 
 
 
@@ -112,13 +127,18 @@ def _face_columns(score, box, landmarks):
     return row
 
 
-def _row(item, frame, time_s, shot=0, crop="", face=None, track=""):
-    """One manifest row; `face` (score, box, landmarks) only where the subject was found."""
+def _row(item, frame, time_s, shot=0, crop="", face=None, track="", frontal=None):
+    """One manifest row; `face` (score, box, landmarks) only where the subject was found, `frontal`
+    (a FrontalFace) with --align frontal."""
     row = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(split=item.split, clip=item.clip, label=item.label, frame=frame, time=f"{time_s:.6f}",
                shot=shot, detected=int(bool(crop)), track=track, crop=crop)
     if face is not None:
         row.update(_face_columns(*face))
+    if frontal is not None:
+        row["align"] = frontal.align
+        if frontal.pose is not None:
+            row.update(yaw=f"{frontal.pose.yaw:.2f}", pitch=f"{frontal.pose.pitch:.2f}", roll=f"{frontal.pose.roll:.2f}")
     return row
 
 
@@ -137,9 +157,44 @@ def _save_face(out, item, frame_index, face):
     return crop.relative_to(out).as_posix()
 
 
+_face_mesh = None
+
+
+def face_mesh():
+    global _face_mesh
+    if _face_mesh is None:
+        _face_mesh = FaceMesh()
+    return _face_mesh
+
+
+def frontal_face(image, box, landmarks):
+    """The FrontalFace of one face; a face too small, not seen by the mesh, or one the canonical
+    face cannot explain falls back to the similarity crop, saying so."""
+    side = max(box[2] - box[0], box[3] - box[1])
+    if side < MIN_FACE:
+        return FrontalFace(None, 0.0, None, f"similarity (face {side:.0f} px, under {MIN_FACE})")
+    mesh = face_mesh().mesh(image, [box], [landmarks])
+    points, presence = mesh.points[0], float(mesh.presence[0])
+    if presence < PRESENCE_THRESHOLD:
+        return FrontalFace(points, presence, None, f"similarity (mesh presence {presence:.2f})")
+    pose = head_pose(points)
+    if pose.residual > MAX_RESIDUAL:
+        return FrontalFace(points, presence, pose, f"similarity (mesh fit residual {pose.residual:.2f})")
+    return FrontalFace(points, presence, pose, "frontal")
+
+
 def _crop_and_save(out, item, frame_index, image, box, landmarks, settings):
-    face = align_face(image, box, landmarks, settings.alignment, settings.size, settings.margin, settings.gray)
-    return _save_face(out, item, frame_index, face)
+    """(the crop's path relative to OUT, its FrontalFace or None)."""
+    if settings.alignment != "frontal":
+        face = align_face(image, box, landmarks, settings.alignment, settings.size, settings.margin, settings.gray)
+        return _save_face(out, item, frame_index, face), None
+    found = frontal_face(image, box, landmarks)
+    if found.align == "frontal":
+        face = frontal_crop(image, found.points, settings.size, found.pose)
+        face = to_gray(face) if settings.gray else face
+    else:
+        face = align_face(image, box, landmarks, "similarity", settings.size, 0, settings.gray)
+    return _save_face(out, item, frame_index, face), found
 
 
 def prefetched(iterable, depth=PREFETCH_FRAMES):
@@ -206,20 +261,24 @@ def process_video(item, out, settings, progress):
     crops = _crop_subject(item, out, settings, found, subject.chosen, crop_width,
                           np.divide(crop_size, detect_size))
     to_source = np.divide(source_size, detect_size)
-    rows, detections = [], []
+    crop_to_source = np.divide(source_size, crop_size)
+    rows, detections, meshes = [], [], {}
     for f, k, track_ids in zip(found, subject.chosen, subject.track_ids):
         faces = f.faces
         boxes, landmarks = _scaled(faces.boxes, to_source), _scaled(faces.landmarks, to_source)
         if k is None:
             rows.append(_row(item, f.index, f.time, f.shot))
         else:
-            rows.append(_row(item, f.index, f.time, f.shot, crops[f.index],
-                             (faces.scores[k], boxes[k], landmarks[k]), track_ids[k]))
+            crop, frontal = crops[f.index]
+            rows.append(_row(item, f.index, f.time, f.shot, crop,
+                             (faces.scores[k], boxes[k], landmarks[k]), track_ids[k], frontal))
+            if frontal is not None and frontal.points is not None:
+                meshes[f.index] = (_scaled(frontal.points, np.append(crop_to_source, crop_to_source[0])), frontal)
         detections += _detection_rows(item, f.index, f.time, f.shot,
                                       Detections(boxes, faces.scores, landmarks), track_ids, k)
     clip_info = {"source_size": list(source_size), "detect_size": list(detect_size), "crop_size": list(crop_size),
                  "rotation": info.rotation, "frames": len(found), "shots": len({f.shot for f in found})}
-    return ClipOutput(rows, detections, clip_info)
+    return ClipOutput(rows, detections, clip_info, meshes)
 
 
 def _crop_subject(item, out, settings, found, chosen, width, to_crop):
@@ -263,9 +322,26 @@ def process_image(item, out, settings, progress):
     detections = _detection_rows(item, 0, 0.0, 0, faces, track_ids, k)
     if k is None:
         return ClipOutput([_row(item, 0, 0.0)], detections, info)
-    crop = _crop_and_save(out, item, 0, image, faces.boxes[k], faces.landmarks[k], settings)
+    crop, frontal = _crop_and_save(out, item, 0, image, faces.boxes[k], faces.landmarks[k], settings)
     face = (faces.scores[k], faces.boxes[k], faces.landmarks[k])
-    return ClipOutput([_row(item, 0, 0.0, crop=crop, face=face, track=track_ids[k])], detections, info)
+    meshes = {0: (frontal.points, frontal)} if frontal is not None and frontal.points is not None else {}
+    return ClipOutput([_row(item, 0, 0.0, crop=crop, face=face, track=track_ids[k], frontal=frontal)], detections,
+                      info, meshes)
+
+
+def write_meshes(path, meshes):
+    """The subject's mesh per kept frame as .npz (numpy, scipy.io-free readers, MATLAB via h5 or
+    py.numpy): frames (N,), points (N, 468, 3) float32 in source pixels, presence (N,), pose (N, 3)
+    yaw, pitch, roll in degrees (NaN where not fitted)."""
+    frames = sorted(meshes)
+    poses = [meshes[f][1].pose for f in frames]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, frames=np.array(frames, dtype=np.int64),
+                                points=np.array([meshes[f][0] for f in frames], dtype=np.float32),
+                                presence=np.array([meshes[f][1].presence for f in frames], dtype=np.float32),
+                                pose=np.array([(p.yaw, p.pitch, p.roll) if p else (np.nan,) * 3 for p in poses],
+                                              dtype=np.float32))
 
 
 def process_item(item, out, settings, kind, progress=None):
@@ -292,6 +368,8 @@ def process_item(item, out, settings, kind, progress=None):
         result.error = f"internal error ({type(error).__name__}: {error})"
         return result
     write_rows(detections_path(out, item), output.detections, DETECTION_COLUMNS)
+    if output.meshes:
+        write_meshes(mesh_path(out, item), output.meshes)
     atomic_write_text(info_path(out, item), json.dumps(output.info) + "\n")
     write_rows(part_path(out, item), output.rows)  # last: marks the clip finished
     return result

@@ -21,7 +21,10 @@ from emotiw.face.mtcnn import LANDMARK_NAMES
 from emotiw.formats.files import atomic_open, atomic_write_text, inside
 
 BOX_COLUMNS = ["score", "x1", "y1", "x2", "y2"] + [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
-MANIFEST_COLUMNS = ["split", "clip", "label", "frame", "time", "shot", "detected", *BOX_COLUMNS, "track", "crop"]
+# yaw, pitch, roll and align: with --align frontal (emotiw.face.mesh, emotiw.face.frontal), else empty
+POSE_COLUMNS = ["yaw", "pitch", "roll", "align"]
+MANIFEST_COLUMNS = ["split", "clip", "label", "frame", "time", "shot", "detected", *BOX_COLUMNS, "track", "crop",
+                    *POSE_COLUMNS]
 DETECTION_COLUMNS = ["split", "clip", "frame", "time", "shot", "face", *BOX_COLUMNS, "track", "subject"]
 ERROR_COLUMNS = ["input", "split", "clip", "source", "message"]
 
@@ -47,6 +50,11 @@ def info_path(out, item):
 
 def detections_path(out, item):
     return inside(out, "detections", item.split, f"{item.clip}.csv")
+
+
+def mesh_path(out, item):
+    """OUT/mesh/<split>/<clip>.npz: the subject's 468 face mesh points per kept frame (--align frontal)."""
+    return inside(out, "mesh", item.split, f"{item.clip}.npz")
 
 
 def face_dir(out, item):
@@ -89,7 +97,8 @@ def write_detections(out):
 
 def remove_stale_temporaries(out):
     """A killed run leaves hidden temporaries behind: files from emotiw.formats.files, LMDB work folders."""
-    for folder in [out, out / "lists", *(out / "clips").glob("*"), *(out / "detections").glob("*")]:
+    for folder in [out, out / "lists", *(out / "clips").glob("*"), *(out / "detections").glob("*"),
+                   *(out / "mesh").glob("*")]:
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
             tmp.unlink()
     for work in (out / "lmdb").glob(".*"):
@@ -110,6 +119,8 @@ def check_settings(out, settings):
             stored = None
         if isinstance(stored, dict) and "mode" in stored and "recipe" not in stored:  # before recipes had a name
             stored["recipe"] = stored.pop("mode")
+        if isinstance(stored, dict):
+            stored.setdefault("align", None)  # before --align: the recipe's alignment
         if stored != wanted:
             raise UserError(f"{out} holds crops made with other settings ({path}: {stored}); "
                             f"use a new --out or the same options")
