@@ -39,14 +39,17 @@ from emotiw.face.video import iter_frames, write_video
 from emotiw.formats.files import atomic_write_text
 from emotiw.stages import extract as features
 from emotiw.stages import fuse
+from bench.mesh import bench_mesh
 from tools.caffe_build import PYCAFFE_DIR, SPEED_PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = REPO / "bench" / "reference.py"
 REFERENCE_PYTHON = REPO / "bench" / ".venv-ref" / "bin" / "python"
-ROWS = ("gemm", "detect", "preprocess", "footage", "inference", "training", "features")
-# the real-footage rows: each --mode with each --detect, on a clip the size of issue 12's trailer
-FOOTAGE_RUNS = (("dsn", "tracked"), ("dsn", "every-frame"), ("sse", "tracked"), ("sse", "every-frame"))
+ROWS = ("gemm", "detect", "preprocess", "footage", "mesh", "inference", "training", "features")
+# the real-footage rows: each recipe with each --detect (and sse's frontal crops), on a clip the size
+# of issue 12's trailer
+FOOTAGE_RUNS = (("dsn", "tracked", None), ("dsn", "every-frame", None), ("sse", "tracked", None),
+                ("sse", "every-frame", None), ("sse", "tracked", "frontal"))
 # (net, input size, the torchvision backbone a user would take instead, or None)
 INFERENCE_NETS = (
     ("sse_holonet_3conv-s_concat", 128, None),
@@ -409,14 +412,15 @@ def bench_footage(plan, results, reference, work):
     ref_row = ref and results.add("footage", name, "mtcnn 1.0.0 (TensorFlow), detection only", ref["rates"],
                                   "frames/s")
     reference_faces = ref["faces"] if ref else None
-    for mode, detect in sorted(FOOTAGE_RUNS, key=lambda run: run[1] == "tracked"):  # every-frame first
+    for mode, detect, align in sorted(FOOTAGE_RUNS, key=lambda run: run[1] == "tracked"):  # every-frame first
         runs = iter(range(10 ** 6))
         last = {}
+        options = ["--align", align] if align else []
 
         def run_once():
-            out = work / f"footage_{mode}_{detect}_{next(runs)}"
+            out = work / f"footage_{mode}_{detect}_{align}_{next(runs)}"
             command = [sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(videos),
-                       "--out", str(out), "--recipe", mode, "--detect", detect]
+                       "--out", str(out), "--recipe", mode, "--detect", detect, *options]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if "out" in last:
                 shutil.rmtree(last["out"])
@@ -425,7 +429,7 @@ def bench_footage(plan, results, reference, work):
         if reference_faces is None and detect == "every-frame":
             reference_faces = our_faces(last["out"] / "detections.csv", len(frames))
         coverage, close = footage_coverage(last["out"] / "manifest.csv", reference_faces)
-        row = results.add("footage", name, f"emotiw preprocess --mode {mode} --detect {detect}", rates,
+        row = results.add("footage", name, f"emotiw preprocess --recipe {mode} --detect {detect} {' '.join(options)}".strip(), rates,
                           "frames/s", coverage=coverage, close_boxes=close,
                           reference="mtcnn" if ref else "our every-frame MTCNN")
         results.ratio("footage", name, row, ref_row,
@@ -783,6 +787,8 @@ def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
             bench_preprocess(plan, results, work)
         if "footage" in plan.rows:
             bench_footage(plan, results, reference, work)
+        if "mesh" in plan.rows:
+            bench_mesh(plan, results, reference, work, measure)
         if "inference" in plan.rows:
             bench_inference(plan, results, reference, work, ceiling)
         if "training" in plan.rows:

@@ -60,6 +60,24 @@ def detect(job):
             "faces": [[[float(v) for v in face["box"]] for face in faces] for faces in found]}
 
 
+def mesh(job):
+    """MediaPipe's face_landmark.tflite on the TF Lite interpreter (XNNPACK), one face at a time."""
+    import numpy as np
+    import tensorflow as tf
+
+    crops = np.load(job["crops"])["crops"].astype(np.float32)
+    interpreter = tf.lite.Interpreter(job["model"], num_threads=int(os.environ.get("BENCH_THREADS", os.cpu_count())))
+    interpreter.allocate_tensors()
+    index = interpreter.get_input_details()[0]["index"]
+
+    def run_all():
+        for crop in crops:
+            interpreter.set_tensor(index, crop[None])
+            interpreter.invoke()
+
+    return {"rates": timed_rates(run_all, len(crops), job["repeats"], job["warmup"])}
+
+
 # ---------------------------------------------------------------------------------------------
 # Caffe NetParameter (as JSON) -> PyTorch modules
 
@@ -328,7 +346,7 @@ def use_threads(threads, tensorflow):
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-TASKS = {"detect": detect, "infer": infer, "train": train, "describe": lambda job: describe()}
+TASKS = {"detect": detect, "infer": infer, "train": train, "mesh": mesh, "describe": lambda job: describe()}
 
 
 def main(job_path, result_path):

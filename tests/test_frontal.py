@@ -150,3 +150,7 @@ def test_predict_frontal_adds_the_head_pose_to_frames_csv(carphone_folder, tmp_p
     frames = result.videos[0].frames
     assert {"yaw", "pitch", "roll"} <= set(frames.columns)
     assert frames.loc[frames.detected == 1, "yaw"].notna().all()
+    from PIL import Image
+
+    with Image.open(result.videos[0].folder / "timeline.png") as timeline:
+        assert timeline.size == (1000, 540)  # the emotions, and the head-pose strip below (360 without)

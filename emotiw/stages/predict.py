@@ -107,7 +107,7 @@ class PredictResult:
 
 
 def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", detect="tracked", fps=None,
-            every=None, overwrite=False, annotate=True, mean_file=None, align=None) -> PredictResult:
+            every=None, overwrite=False, annotate=True, mean_file=None, align=None, min_face=None) -> PredictResult:
     """Emotions per frame of each video in `videos` (paths), into `out`/<video name>/.
 
     net / weights: a registered net or deploy prototxt and its caffemodel (default: the embedded
@@ -115,7 +115,8 @@ def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", de
     emotiw.recipes); backend: auto, pycaffe or opencv; detect, fps, every: as for preprocess;
     overwrite: redo finished videos; annotate: also write annotated.mp4; mean_file: the
     mean.binaryproto of the net's data layer (as for test); align: as preprocess's (frontal adds
-    the head pose, yaw, pitch and roll, to frames.csv). The nets load once for all the videos.
+    the head pose, yaw, pitch and roll, to frames.csv); min_face: as preprocess's. The nets load
+    once for all the videos.
     A finished video is skipped only when its summary.json records the same video file, net,
     weights and options; otherwise it is done again, with one line saying what changed.
     """
@@ -133,7 +134,7 @@ def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", de
     model = default_model() if net is None else model_for(net, weights, recipe)
     options = {"recipe": model.recipe, "backend": backend, "detect": detect, "fps": fps, "every": every,
                "annotate": annotate, "mean_file": None if mean_file is None else file_identity(mean_file),
-               "align": align}
+               "align": align, "min_face": min_face}
     made_by = {"net": model.net, "weights_sha256": sha256_of(model.weights), "options": options}
     with output_folder(out, "predict", inputs=videos) as out:
         shutil.rmtree(inside(out, WORK), ignore_errors=True)  # a killed run's
@@ -199,7 +200,7 @@ def _predict_video(video, out, name, model, identity, mean_file):
             with quiet():
                 prep = preprocess(faces, videos=work / "input", split=SPLIT, recipe=model.recipe,
                                   detect=options["detect"], fps=options["fps"], every=options["every"],
-                                  align=options["align"])
+                                  align=options["align"], min_face=options["min_face"])
         except UserError as error:
             raise UserError(_first_problem(faces / "errors.csv") or str(error)) from None
         with quiet():
@@ -308,7 +309,10 @@ def write_timeline(path, rows, title):
 
     times = np.array([row["time"] for row in rows])
     probs = np.array([row["probabilities"] or [np.nan] * len(EMOTIONS) for row in rows])
-    figure, axes = plt.subplots(figsize=(10, 3.6), dpi=100)
+    with_pose = any(row.get("pose") for row in rows)  # --align frontal: a head-pose strip below
+    figure, panels = plt.subplots(2 if with_pose else 1, figsize=(10, 5.4 if with_pose else 3.6), dpi=100,
+                                  sharex=True, squeeze=False, gridspec_kw={"height_ratios": [2, 1][:1 + with_pose]})
+    axes = panels[0, 0]
     for index, emotion in enumerate(EMOTIONS):
         axes.plot(times, probs[:, index], color=COLOURS[index], label=emotion, linewidth=1.4)
     step = float(np.median(np.diff(times))) if len(times) > 1 else 0.04
@@ -318,9 +322,17 @@ def write_timeline(path, rows, title):
     for before, after in zip(rows, rows[1:]):
         if after["shot"] != before["shot"]:
             axes.axvline(after["time"], color="0.3", linestyle="--", linewidth=0.8)
-    axes.set(xlabel="time (s)", ylabel="probability", ylim=(0, 1), title=f"{title}: emotions per frame "
-             "(dashed: shot cuts; grey: no face)")
+    axes.set(xlabel="" if with_pose else "time (s)", ylabel="probability", ylim=(0, 1),
+             title=f"{title}: emotions per frame (dashed: shot cuts; grey: no face)")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    if with_pose:
+        strip = panels[1, 0]
+        poses = np.array([row.get("pose") or [np.nan] * 3 for row in rows], dtype=np.float64)
+        for index, (name, colour) in enumerate(zip(POSE, ("#1f77b4", "#ff7f0e", "#2ca02c"))):
+            strip.plot(times, poses[:, index], color=colour, label=name, linewidth=1.2)
+        strip.axhline(0, color="0.6", linewidth=0.6)
+        strip.set(xlabel="time (s)", ylabel="head pose (deg)")
+        strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     figure.tight_layout()
     with atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png")
