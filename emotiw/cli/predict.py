@@ -6,6 +6,7 @@ from emotiw.cli.options import (
     add_detect,
     add_max_pixels,
     add_mean_file,
+    add_min_face,
     add_recipe,
     add_sampling,
 )
@@ -29,6 +30,7 @@ def register(subparsers):
     parser.add_argument("--overwrite", action="store_true", help="redo videos finished by an earlier run")
     parser.add_argument("--no-video", action="store_true", help="skip annotated.mp4")
     add_align(parser)
+    add_min_face(parser)
     add_max_pixels(parser)
     parser.set_defaults(func=run)
 
@@ -37,7 +39,7 @@ def run(args):
     result = predict(args.videos, args.out, net=args.net, weights=args.weights, recipe=args.recipe,
                      backend=args.backend, detect=args.detect, fps=args.fps, every=args.every,
                      overwrite=args.overwrite, annotate=not args.no_video, mean_file=args.mean_file,
-                     align=args.align)
+                     align=args.align, min_face=args.min_face)
     for video in result.videos:
         if video.folder is not None:
             state = "already done" if video.skipped else "done"

@@ -1,6 +1,14 @@
 """`emotiw preprocess`: video clips or face images -> aligned face crops, manifest, lists (emotiw.stages.preprocess)."""
 
-from emotiw.cli.options import add_align, add_detect, add_max_pixels, add_ray, add_recipe, add_sampling
+from emotiw.cli.options import (
+    add_align,
+    add_detect,
+    add_max_pixels,
+    add_min_face,
+    add_ray,
+    add_recipe,
+    add_sampling,
+)
 from emotiw.face.clip import REDETECT_EVERY
 from emotiw.face.shots import SHOT_THRESHOLD
 from emotiw.face.track import SUBJECT_RULES
@@ -48,6 +56,7 @@ def register(subparsers):
     parser.add_argument("--dsn-frames", action="store_true",
                         help="only write every frame 1024 wide as PNG, as DSN's extract_frames.py did")
     add_align(parser)
+    add_min_face(parser)
     add_max_pixels(parser)
     parser.set_defaults(func=run)
 
@@ -58,5 +67,5 @@ def run(args):
                every=args.every, max_frames=args.max_frames, workers=args.workers, lmdb=args.lmdb,
                split=args.split, dsn_frames=args.dsn_frames, subject=args.subject, detect=args.detect,
                redetect_every=args.redetect_every, shot_threshold=args.shot_threshold,
-               min_coverage=args.min_coverage, ray=args.ray, align=args.align)
+               min_coverage=args.min_coverage, ray=args.ray, align=args.align, min_face=args.min_face)
     return 0

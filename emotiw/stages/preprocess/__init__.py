@@ -15,7 +15,7 @@ from pathlib import Path
 
 from emotiw.errors import UserError
 from emotiw.execution import Executor, Progress
-from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY
+from emotiw.face.clip import DETECT_MODES, REDETECT_EVERY, min_face_pixels
 from emotiw.face.shots import SHOT_THRESHOLD
 from emotiw.face.track import SUBJECT_RULES
 from emotiw.face.video import check_sampling
@@ -62,7 +62,8 @@ def check_options(size, workers, subject, detect, redetect_every, shot_threshold
 def preprocess(out, videos=None, images=None, labels=None, label_map="afew", aligned=False, recipe="dsn",
                size=None, gray=None, fps=None, every=None, max_frames=None, workers=1, lmdb=False, split=None,
                dsn_frames=False, subject=None, detect="tracked", redetect_every=REDETECT_EVERY,
-               shot_threshold=SHOT_THRESHOLD, min_coverage=None, ray=None, align=None) -> PreprocessResult:
+               shot_threshold=SHOT_THRESHOLD, min_coverage=None, ray=None, align=None,
+               min_face=None) -> PreprocessResult:
     """Video clips (or still face images) -> MTCNN faces -> the subject's aligned crops and Caffe lists.
 
     out: the output folder; a run into it again resumes (same settings only). videos: an AFEW-style
@@ -102,8 +103,11 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     chosen = get_recipe(recipe)
     if align is not None and align not in ALIGNMENTS:
         raise UserError(f"--align must be one of {', '.join(ALIGNMENTS)}, got {align!r}")
+    if min_face is not None:
+        min_face_pixels(min_face, 480)  # the spelling, checked before any clip
     settings = Settings(recipe=chosen.name, size=size or chosen.crop_size, gray=chosen.gray if gray is None else gray,
                         fps=fps, every=every, max_frames=max_frames, aligned=aligned, align=align,
+                        min_face=None if min_face is None else str(min_face),
                         subject=subject or chosen.subject, detect=detect, redetect_every=redetect_every,
                         shot_threshold=float(shot_threshold))
     kind = "image" if images else "video"

@@ -23,7 +23,7 @@ import numpy as np
 
 from emotiw.errors import UserError
 from emotiw.face.align import align_face, resize_whole, to_gray
-from emotiw.face.clip import REDETECT_EVERY, find_faces
+from emotiw.face.clip import REDETECT_EVERY, detection_width, find_faces, min_face_pixels
 from emotiw.face.frontal import frontal_crop
 from emotiw.face.mesh import MIN_FACE, PRESENCE_THRESHOLD, FaceMesh, head_pose
 from emotiw.face.mtcnn import FACENET, LANDMARK_NAMES, Detections, FaceDetector
@@ -60,6 +60,7 @@ class Settings:
     max_frames: int | None
     aligned: bool
     align: str | None = None  # facenet, similarity or frontal; None: the recipe's alignment
+    min_face: str | None = None  # "N" px, "P%" of the short side; None: emotiw.face.clip's automatic size
     subject: str = "facenet"
     detect: str = "tracked"
     redetect_every: int = REDETECT_EVERY
@@ -244,13 +245,24 @@ def _scaled(points, factors):
     return np.asarray(points, dtype=np.float64) * np.resize(factors, np.shape(points)[-1])
 
 
+def detection_frame_width(info, settings):
+    """The width the frames searched are decoded at (None: as decoded), from --min-face. DSN's own
+    rule, facenet's 20 px on every full frame, stays what `--recipe dsn --detect every-frame` does."""
+    full = display_size(info)
+    smallest = settings.detector["min_face_size"]
+    if settings.min_face is None and settings.recipe == "dsn" and settings.detect == "every-frame":
+        return None
+    return detection_width(full[0], min_face_pixels(settings.min_face, min(full), smallest), smallest)
+
+
 def process_video(item, out, settings, progress):
     info = probe(item.source)
-    detect_size = display_size(info)
+    detect_width = detection_frame_width(info, settings)
+    detect_size = display_size(info, detect_width)
     source_size = info.source_size
     shots = ShotDetector(settings.shot_threshold, frame_rate=float(info.frame_rate or 25))
     found = []
-    for faces in find_faces(_video_frames(item, settings), detector(settings), settings.detect,
+    for faces in find_faces(_video_frames(item, settings, detect_width), detector(settings), settings.detect,
                             settings.redetect_every, shots):
         found.append(faces)
         progress(1)

@@ -121,6 +121,7 @@ def check_settings(out, settings):
             stored["recipe"] = stored.pop("mode")
         if isinstance(stored, dict):
             stored.setdefault("align", None)  # before --align: the recipe's alignment
+            stored.setdefault("min_face", None)  # before --min-face: the automatic size
         if stored != wanted:
             raise UserError(f"{out} holds crops made with other settings ({path}: {stored}); "
                             f"use a new --out or the same options")
