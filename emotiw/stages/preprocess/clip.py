@@ -236,9 +236,9 @@ def prefetched(iterable, depth=PREFETCH_FRAMES):
                 pass
 
 
-def _video_frames(item, settings, width=None):
+def _video_frames(item, settings, width=None, interpolation="BICUBIC"):
     return prefetched(iter_frames(item.source, fps=settings.fps, every=settings.every,
-                                  max_frames=settings.max_frames, width=width))
+                                  max_frames=settings.max_frames, width=width, interpolation=interpolation))
 
 
 def _scaled(points, factors):
@@ -262,8 +262,9 @@ def process_video(item, out, settings, progress):
     source_size = info.source_size
     shots = ShotDetector(settings.shot_threshold, frame_rate=float(info.frame_rate or 25))
     found = []
-    for faces in find_faces(_video_frames(item, settings, detect_width), detector(settings), settings.detect,
-                            settings.redetect_every, shots):
+    # frames searched scaled down: area averaging, as fast as decoding alone and without aliasing
+    searched = _video_frames(item, settings, detect_width, "AREA" if detect_width else "BICUBIC")
+    for faces in find_faces(searched, detector(settings), settings.detect, settings.redetect_every, shots):
         found.append(faces)
         progress(1)
     subject = choose_subject([f.faces.boxes for f in found], settings.subject, [f.shot for f in found],
