@@ -14,7 +14,8 @@ FRAMES = 60  # the first two shots: carphone, then bikes traffic
 
 
 @pytest.mark.parametrize("spec, short_side, expected", [
-    (None, 360, 20), (None, 480, 20), (None, 1080, 45), (None, 2160, 90), ("48", 1080, 48), ("5%", 1080, 54)])
+    (None, 360, 20), (None, 400, 20), (None, 480, 24), (None, 1080, 54), (None, 2160, 108), ("48", 1080, 48),
+    ("5%", 1080, 54)])
 def test_the_smallest_face_scales_with_the_frame(spec, short_side, expected):
     assert min_face_pixels(spec, short_side) == pytest.approx(expected)
 
@@ -26,7 +27,7 @@ def test_a_wrong_min_face_is_one_line(spec):
 
 
 def test_frames_are_searched_where_the_smallest_face_is_20_pixels():
-    assert detection_width(1920, 45) == 854 and detection_width(3840, 90) == 854
+    assert detection_width(1920, 54) == 712 and detection_width(3840, 108) == 712
     assert detection_width(640, 20) is None and detection_width(640, 12) is None
 
 
@@ -56,7 +57,7 @@ def iou(a, b):
 
 
 def test_1080p_keeps_the_subject_as_a_full_search_does(hd_clip, tmp_path):
-    """The automatic size searches 854x480 frames; the full search (--min-face 20) 1920x1080 ones.
+    """The automatic size searches 712x400 frames; the full search (--min-face 20) 1920x1080 ones.
     The subject is kept in the same frames, with boxes in source pixels within IoU 0.9."""
     from emotiw.stages.preprocess import preprocess
 
@@ -65,7 +66,7 @@ def test_1080p_keeps_the_subject_as_a_full_search_does(hd_clip, tmp_path):
     full = preprocess(tmp_path / "full", videos=clips, split="val", recipe="sse", min_face="20")
     sizes = {name: json.loads((tmp_path / name / "preprocess.json").read_text())["clips"]["val/hd"]
              for name in ("auto", "full")}
-    assert sizes["auto"]["detect_size"] == [854, 480] and sizes["full"]["detect_size"] == [1920, 1080]
+    assert sizes["auto"]["detect_size"] == [712, 400] and sizes["full"]["detect_size"] == [1920, 1080]
     assert sizes["auto"]["source_size"] == [1920, 1080]
     ours, reference = manifest_boxes(scaled.out), manifest_boxes(full.out)
     faces = [index for index, shown in enumerate(truth) if shown.faces]

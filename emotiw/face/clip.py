@@ -9,8 +9,8 @@ is searched for where it was last seen; a face that enters elsewhere mid-shot is
 next full detection.
 
 The smallest face searched for scales with the frame (`min_face_pixels`): facenet's 20 px at a
-480-pixel short side, 45 px at 1080p, 90 px at 4K, so that detection costs about the same at any
-resolution; the frames searched are decoded scaled down to where that face is 20 px
+400-pixel short side, 24 px at 480p, 54 px at 1080p, 108 px at 4K, so that detection costs about
+the same at any resolution; the frames searched are decoded scaled down to where that face is 20 px
 (`detection_width`), and boxes map back to source pixels. Crops are still cut from full-size frames.
 """
 
@@ -24,12 +24,12 @@ DETECT_MODES = ("every-frame", "tracked")
 REDETECT_EVERY = 10  # tracked: frames between full detections within a shot
 FOLLOWED_IOU = 0.3  # tracked: least IoU of a face's new box with its box in the previous frame
 REMEMBER_LOST = 10  # tracked: frames a lost face is still searched for where it was last seen
-REFERENCE_SHORT_SIDE = 480  # the automatic smallest face is facenet's 20 px at this short side
+REFERENCE_SHORT_SIDE = 400  # the automatic smallest face is facenet's 20 px at this short side
 
 
 def min_face_pixels(spec, short_side, detector_min=20):
     """The smallest face to find, in source pixels. spec: None (automatic: detector_min at a
-    480-pixel short side, scaled with the frame, never below detector_min), "N" pixels, or "P%"
+    400-pixel short side, scaled with the frame, never below detector_min), "N" pixels, or "P%"
     of the frame's short side."""
     from emotiw.errors import UserError
 
