@@ -145,8 +145,7 @@ def test_an_out_made_before_align_existed_is_still_resumed(carphone_folder, tmp_
 def test_predict_frontal_adds_the_head_pose_to_frames_csv(carphone_folder, tmp_path):
     import emotiw
 
-    result = emotiw.predict([carphone_folder / "carphone.mp4"], tmp_path / "out", align="frontal", annotate=False,
-                            every=10)
+    result = emotiw.predict([carphone_folder / "carphone.mp4"], tmp_path / "out", align="frontal", every=10)
     frames = result.videos[0].frames
     assert {"yaw", "pitch", "roll"} <= set(frames.columns)
     assert frames.loc[frames.detected == 1, "yaw"].notna().all()
@@ -154,3 +153,11 @@ def test_predict_frontal_adds_the_head_pose_to_frames_csv(carphone_folder, tmp_p
 
     with Image.open(result.videos[0].folder / "timeline.png") as timeline:
         assert timeline.size == (1000, 540)  # the emotions, and the head-pose strip below (360 without)
+    plain = emotiw.predict([carphone_folder / "carphone.mp4"], tmp_path / "plain", every=10)
+    from emotiw.face.video import iter_frames
+
+    with_axes, without = (np.stack([frame.image for frame in iter_frames(run.videos[0].folder / "annotated.mp4")])
+                          for run in (result, plain))
+    assert with_axes.shape == without.shape
+    blue = (with_axes[..., 2].astype(int) - with_axes[..., 0] > 120) & ~(without[..., 2].astype(int) - without[..., 0] > 120)
+    assert blue.sum() > 50  # the nose axis is drawn in the frontal run only

@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 
 from emotiw.cli import main
-from emotiw.face.mesh import FaceMesh, canonical_face, crop, head_pose, interocular
+from emotiw.face.mesh import FaceMesh, canonical_face, crop, euler_angles, head_pose, interocular, rotation_of
 from emotiw.face.mesh_nets import ensure_model
 from emotiw.face.mtcnn import FaceDetector
 
@@ -73,18 +73,11 @@ def test_the_mesh_lands_on_the_face_mtcnn_found(face_mesh):
     assert ((points[:, 0] > x1 - 0.2 * (x2 - x1)) & (points[:, 0] < x2 + 0.2 * (x2 - x1))).all()
 
 
-def rotation(yaw, pitch, roll):
-    yaw, pitch, roll = np.radians([yaw, pitch, roll])
-    rx = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
-    ry = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
-    rz = np.array([[np.cos(roll), -np.sin(roll), 0], [np.sin(roll), np.cos(roll), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 @pytest.mark.parametrize("angles", [(0, 0, 0), (30, -10, 5), (-45, 20, -15), (10, 35, 60)])
 def test_head_pose_recovers_a_known_rotation_of_the_canonical_face(angles):
+    np.testing.assert_allclose(euler_angles(rotation_of(*angles)), angles, atol=1e-9)
     vertices = canonical_face()[0] * np.array([1.0, -1.0, -1.0])  # the camera's frame
-    points = 7.5 * vertices @ rotation(*angles).T + np.array([320.0, 240.0, 0.0])
+    points = 7.5 * vertices @ rotation_of(*angles).T + np.array([320.0, 240.0, 0.0])
     points += np.random.default_rng(0).normal(0, 0.2, points.shape)  # a little landmark noise
     pose = head_pose(points)
     np.testing.assert_allclose((pose.yaw, pose.pitch, pose.roll), angles, atol=0.5)

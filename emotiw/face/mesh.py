@@ -173,6 +173,15 @@ def camera_frame(vertices):
     return np.asarray(vertices) * np.array([1.0, -1.0, -1.0])
 
 
+def rotation_of(yaw, pitch, roll):
+    """R = Rz(roll) Ry(yaw) Rx(pitch) from angles in degrees (the inverse of euler_angles)."""
+    yaw, pitch, roll = np.radians([yaw, pitch, roll])
+    rx = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
+    ry = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+    rz = np.array([[np.cos(roll), -np.sin(roll), 0], [np.sin(roll), np.cos(roll), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 def euler_angles(rotation):
     """(yaw, pitch, roll) in degrees of R = Rz(roll) Ry(yaw) Rx(pitch), in the camera's frame."""
     yaw = np.degrees(np.arcsin(np.clip(-rotation[2, 0], -1, 1)))

@@ -366,6 +366,8 @@ def write_annotated(video, path, rows, sizes):
                 cv2.rectangle(image, (x1, y1), (x2, y2), (255, 210, 0), 2)
             if shown is not None and shown["probabilities"]:
                 _draw_bars(image, shown["probabilities"])
+            if shown is not None and shown.get("pose"):
+                _draw_axes(image, (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, shown["pose"])
             if audio is not None:
                 audio.mux_until(frame.time)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
@@ -373,6 +375,19 @@ def write_annotated(video, path, rows, sizes):
         if audio is not None:
             audio.mux_until(float("inf"))
             audio.close()
+
+
+def _draw_axes(image, x, y, length, pose):
+    """The head's axes from the face's centre (--align frontal): its right red, its up green, where
+    the nose points blue (emotiw.face.mesh's convention)."""
+    import cv2
+
+    from emotiw.face.mesh import rotation_of
+
+    rotation = rotation_of(*pose)
+    for axis, colour in (((1, 0, 0), (230, 40, 40)), ((0, -1, 0), (40, 200, 40)), ((0, 0, -1), (40, 120, 255))):
+        dx, dy, _ = rotation @ np.array(axis, dtype=np.float64)
+        cv2.line(image, (int(x), int(y)), (int(x + length * dx), int(y + length * dy)), colour, 2, cv2.LINE_AA)
 
 
 def _draw_bars(image, probabilities):
