@@ -39,13 +39,14 @@ from emotiw.face.video import iter_frames, write_video
 from emotiw.formats.files import atomic_write_text
 from emotiw.stages import extract as features
 from emotiw.stages import fuse
+from bench.hd import bench_hd
 from bench.mesh import bench_mesh
 from tools.caffe_build import PYCAFFE_DIR, SPEED_PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = REPO / "bench" / "reference.py"
 REFERENCE_PYTHON = REPO / "bench" / ".venv-ref" / "bin" / "python"
-ROWS = ("gemm", "detect", "preprocess", "footage", "mesh", "inference", "training", "features")
+ROWS = ("gemm", "detect", "preprocess", "footage", "hd", "mesh", "inference", "training", "features")
 # the real-footage rows: each recipe with each --detect (and sse's frontal crops), on a clip the size
 # of issue 12's trailer
 FOOTAGE_RUNS = (("dsn", "tracked", None), ("dsn", "every-frame", None), ("sse", "tracked", None),
@@ -787,6 +788,8 @@ def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
             bench_preprocess(plan, results, work)
         if "footage" in plan.rows:
             bench_footage(plan, results, reference, work)
+        if "hd" in plan.rows:
+            bench_hd(plan, results, reference, work, measure, footage_coverage, our_faces, DETECTOR)
         if "mesh" in plan.rows:
             bench_mesh(plan, results, reference, work, measure)
         if "inference" in plan.rows:
