@@ -84,6 +84,7 @@ def stop_pool(pool):
     """Cancels the tasks not started and ends the workers at once. (Python 3.14's
     pool.terminate_workers; 3.11 keeps the processes in _processes.)"""
     processes = list(pool._processes.values())
+    manager = pool._executor_manager_thread
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
@@ -92,3 +93,7 @@ def stop_pool(pool):
         if process.is_alive():
             process.kill()
             process.join()
+    if manager is not None:
+        # Python 3.11's exit hook writes to the pipe this thread closes as it ends (fixed in 3.12):
+        # a run stopped by SIGTERM could print that race's traceback after its one line
+        manager.join(5)
