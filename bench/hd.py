@@ -52,8 +52,8 @@ def bench_hd(plan, results, reference, work, measure, footage_coverage, our_face
             rates = measure(run_once, count, plan)
             extra = {}
             if label.startswith("preprocess"):
-                if base_faces is None:  # our full search on the base frames stands in for the package's
-                    base_faces = our_faces(_full_search(work, frames), len(frames))
+                if base_faces is None:  # our full search of the base clip (SIZES[0]) stands in for the package's
+                    base_faces = our_faces(_full_search(work, folder), len(frames))
                 scaled = [[list(np.array(face) * scale) for face in faces] for faces in base_faces[:count]]
                 coverage, close = footage_coverage(last["out"] / "manifest.csv", scaled)
                 extra = {"coverage": coverage, "close_boxes": close,
@@ -61,12 +61,9 @@ def bench_hd(plan, results, reference, work, measure, footage_coverage, our_face
             results.add("hd", name, f"emotiw {label}", rates, "frames/s", **extra)
 
 
-def _full_search(work, frames):
-    """detections.csv of our every-frame search at 640x360 with the full pyramid (--min-face 20)."""
-    from emotiw.face.video import write_video
-
-    folder = work / "hd_reference" / "clips"
-    write_video(folder / "clip.mp4", frames, fps=25)
+def _full_search(work, folder):
+    """detections.csv of our every-frame search of the clips in `folder` with the full pyramid
+    (--min-face 20)."""
     out = work / "hd_reference_out"
     subprocess.run([sys.executable, "-m", "emotiw.cli", "preprocess", "--videos", str(folder), "--out", str(out),
                     "--recipe", "sse", "--detect", "every-frame", "--min-face", "20"], check=True,

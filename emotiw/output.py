@@ -10,6 +10,8 @@ which refuses symbolic links and `..`.
 
 import contextlib
 import errno
+import json
+import sys
 from pathlib import Path
 
 from emotiw.errors import UserError
@@ -67,9 +69,6 @@ def output_folder(out, command, inputs=(), rerun="run the same command again", o
 def read_state(path, command):
     """The JSON a finished step left in OUT to be checked on a rerun, or None when there is none or
     it is damaged (then the step is redone, with one line saying why)."""
-    import json
-    import sys
-
     path = Path(path)
     if not path.is_file():
         return None

@@ -26,10 +26,10 @@ import functools
 import numpy as np
 
 from emotiw.face.align import similarity_matrix
-from emotiw.face.mesh import canonical_face, head_pose
+from emotiw.face.mesh import LEFT_EYE_CORNERS, RIGHT_EYE_CORNERS, canonical_face, head_pose
 
 # Mesh points standing for MTCNN's five: eye centres (two corners each), nose tip, mouth corners
-FIVE_POINTS = ((33, 133), (362, 263), (4,), (61,), (291,))
+FIVE_POINTS = (LEFT_EYE_CORNERS, RIGHT_EYE_CORNERS, (4,), (61,), (291,))
 VISIBLE_AREA = 0.6  # a triangle keeping this share of its frontal area (or more) is fully visible
 
 
