@@ -11,11 +11,11 @@ from emotiw.errors import UserError
 from emotiw.face.clip import detection_width, min_face_pixels
 from emotiw.face.track import iou_matrix
 
-FRAMES = 60  # the first two shots: carphone, then bikes traffic
+FRAMES = 120  # the first four shots: carphone, bikes traffic, carphone at another scale, a photograph
 
 
 @pytest.mark.parametrize("spec, short_side, expected", [
-    (None, 360, 20), (None, 400, 20), (None, 480, 24), (None, 1080, 54), (None, 2160, 108), ("48", 1080, 48),
+    (None, 300, 20), (None, 360, 20), (None, 480, 80 / 3), (None, 1080, 60), (None, 2160, 120), ("48", 1080, 48),
     ("5%", 1080, 54)])
 def test_the_smallest_face_scales_with_the_frame(spec, short_side, expected):
     assert min_face_pixels(spec, short_side) == pytest.approx(expected)
@@ -28,20 +28,26 @@ def test_a_wrong_min_face_is_one_line(spec):
 
 
 def test_frames_are_searched_where_the_smallest_face_is_20_pixels():
-    assert detection_width(1920, 54) == 712 and detection_width(3840, 108) == 712
+    assert detection_width(1920, 60) == 640 and detection_width(3840, 120) == 640
+    assert detection_width(720, 32) == 450
     assert detection_width(640, 20) is None and detection_width(640, 12) is None
 
 
 @pytest.fixture(scope="module")
 def hd_clip(tmp_path_factory):
+    """Real 640x360 footage scaled up to 1920x1080, as bench/hd.py does: (clips folder, the
+    640x360 frames, what each shows)."""
+    import cv2
     from testmedia import footage
 
     from emotiw.face.video import write_video
 
-    frames, truth = footage.carphone_with_cuts(1920, 1080)
-    folder = tmp_path_factory.mktemp("hd")
-    write_video(folder / "clips" / "hd.mp4", frames[:FRAMES], fps=footage.FPS)
-    return folder / "clips", truth[:FRAMES]
+    frames, truth = footage.carphone_with_cuts(640, 360)
+    frames, truth = frames[:FRAMES], truth[:FRAMES]
+    folder = tmp_path_factory.mktemp("hd") / "clips"
+    write_video(folder / "hd.mp4", [cv2.resize(frame, (1920, 1080), interpolation=cv2.INTER_CUBIC) for frame in frames],
+                fps=footage.FPS)
+    return folder, frames, truth
 
 
 def manifest_boxes(out):
@@ -50,21 +56,25 @@ def manifest_boxes(out):
                 for row in csv.DictReader(handle) if row["crop"]}
 
 
-def test_1080p_keeps_the_subject_as_a_full_search_does(hd_clip, tmp_path):
-    """The automatic size searches 712x400 frames; the full search (--min-face 20) 1920x1080 ones.
-    The subject is kept in the same frames, with boxes in source pixels within IoU 0.9."""
+def test_1080p_keeps_the_subject_as_at_360p(hd_clip, tmp_path):
+    """The automatic size searches the 1080p frames at 640x360. Against the full search of the
+    640x360 originals (the reference; our MTCNN equals the `mtcnn` package's, test_detect), scaled to
+    1080p: the subject is kept in >= 95 % of the frames where it finds a face, and in >= 95 % the box
+    is within IoU 0.9 of one of its boxes. Searched at 712x400 (a 400-pixel short side, the size
+    before), 85 % were."""
+    from emotiw.face.mtcnn import FaceDetector
     from emotiw.stages.preprocess import preprocess
 
-    clips, truth = hd_clip
-    scaled = preprocess(tmp_path / "auto", videos=clips, split="val", recipe="sse")
-    full = preprocess(tmp_path / "full", videos=clips, split="val", recipe="sse", min_face="20")
-    sizes = {name: json.loads((tmp_path / name / "preprocess.json").read_text())["clips"]["val/hd"]
-             for name in ("auto", "full")}
-    assert sizes["auto"]["detect_size"] == [712, 400] and sizes["full"]["detect_size"] == [1920, 1080]
-    assert sizes["auto"]["source_size"] == [1920, 1080]
-    ours, reference = manifest_boxes(scaled.out), manifest_boxes(full.out)
-    faces = [index for index, shown in enumerate(truth) if shown.faces]
-    assert set(reference) >= set(faces[: len(faces) * 9 // 10])  # the full search finds him
-    kept = [index for index in reference if index in ours]
-    assert len(kept) >= 0.95 * len(reference)
-    assert np.mean([iou_matrix(ours[index], reference[index])[0, 0] >= 0.9 for index in kept]) >= 0.95
+    clips, originals, truth = hd_clip
+    result = preprocess(tmp_path / "auto", videos=clips, split="val", recipe="sse")
+    sizes = json.loads((tmp_path / "auto" / "preprocess.json").read_text())["clips"]["val/hd"]
+    assert sizes["detect_size"] == [640, 360] and sizes["source_size"] == [1920, 1080]
+    detector = FaceDetector()
+    reference = [detector.detect(frame).boxes * 3 for frame in originals]
+    with_face = [index for index, boxes in enumerate(reference) if len(boxes)]
+    assert len(with_face) >= 0.9 * sum(bool(shown.faces) for shown in truth)  # the reference finds him
+    ours = manifest_boxes(result.out)
+    kept = [index for index in with_face if index in ours]
+    assert len(kept) >= 0.95 * len(with_face)
+    close = [iou_matrix(ours[index][None], reference[index]).max() >= 0.9 for index in kept]
+    assert sum(close) >= 0.95 * len(with_face)

@@ -88,6 +88,6 @@ def add_align(parser):
 def add_min_face(parser):
     parser.add_argument("--min-face", metavar="PX|P%",
                         help="the smallest face to find: source pixels (48) or a share of the frame's short side "
-                             "(5%%); default: facenet's 20 px at a 400-pixel short side, scaled with the frame (54 px at 1080p), "
+                             "(5%%); default: facenet's 20 px at a 360-pixel short side, scaled with the frame (60 px at 1080p), "
                              "so detection costs the same at any resolution; frames are searched scaled down "
                              "to where that face is 20 px, crops still come from full-size frames")

@@ -9,9 +9,13 @@ is searched for where it was last seen; a face that enters elsewhere mid-shot is
 next full detection.
 
 The smallest face searched for scales with the frame (`min_face_pixels`): facenet's 20 px at a
-400-pixel short side, 24 px at 480p, 54 px at 1080p, 108 px at 4K, so that detection costs about
+360-pixel short side, 27 px at 480p, 60 px at 1080p, 120 px at 4K, so that detection costs about
 the same at any resolution; the frames searched are decoded scaled down to where that face is 20 px
-(`detection_width`), and boxes map back to source pixels. Crops are still cut from full-size frames.
+(`detection_width`: a 360-pixel short side), and boxes map back to source pixels. Crops are still
+cut from full-size frames. A frame is thus searched at the pyramid levels of its own 360p version,
+relative to the frame, and its boxes agree with that version's: a search at a 400-pixel short side
+fell between those levels and moved 10-15 % of the boxes by more than IoU 0.9 (bench/NOTES.md).
+MTCNN still finds faces of about half the smallest size (9-12 px at the searched size).
 """
 
 from dataclasses import dataclass
@@ -24,12 +28,12 @@ DETECT_MODES = ("every-frame", "tracked")
 REDETECT_EVERY = 10  # tracked: frames between full detections within a shot
 FOLLOWED_IOU = 0.3  # tracked: least IoU of a face's new box with its box in the previous frame
 REMEMBER_LOST = 10  # tracked: frames a lost face is still searched for where it was last seen
-REFERENCE_SHORT_SIDE = 400  # the automatic smallest face is facenet's 20 px at this short side
+REFERENCE_SHORT_SIDE = 360  # the automatic smallest face is facenet's 20 px at this short side
 
 
 def min_face_pixels(spec, short_side, detector_min=20):
     """The smallest face to find, in source pixels. spec: None (automatic: detector_min at a
-    400-pixel short side, scaled with the frame, never below detector_min), "N" pixels, or "P%"
+    360-pixel short side, scaled with the frame, never below detector_min), "N" pixels, or "P%"
     of the frame's short side."""
     from emotiw.errors import UserError
 

@@ -86,7 +86,7 @@ def preprocess(out, videos=None, images=None, labels=None, label_map="afew", ali
     inputs and `out` at the same paths; align: how a face becomes a crop, facenet, similarity or
     frontal (default: the recipe's); frontal also writes yaw, pitch, roll and align to the manifest
     and the subject's 468 mesh points to OUT/mesh/<split>/<clip>.npz; min_face: the smallest face
-    to find, "N" source pixels or "P%" of the short side (default: 20 px at a 400-pixel short
+    to find, "N" source pixels or "P%" of the short side (default: 20 px at a 360-pixel short
     side, scaled with the frame; emotiw.face.clip), which also sets the size frames are searched at.
     """
     started = time.monotonic()
