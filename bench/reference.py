@@ -11,6 +11,7 @@ Tasks:
   * infer: PyTorch CPU forward of a torchvision backbone, or of the Caffe net itself (its
     NetParameter as JSON, translated layer by layer below: same layers, same shapes);
   * train: PyTorch CPU training steps of a Caffe train net translated the same way (same losses).
+infer and train take "device": "cuda" for the GPU rows (bench/gpu.py).
 """
 
 import importlib.util
@@ -277,12 +278,41 @@ def torchvision_model(name, classes):
             "densenet121": models.densenet121}[name](weights=None, num_classes=classes)
 
 
+def on_device(job):
+    """The job's torch device ("cpu" unless it says "cuda"), with cuDNN's autotuner on and TF32 off
+    on a GPU: fp32 as Caffe computes it, at the speed PyTorch users get."""
+    import torch
+
+    device = torch.device(job.get("device", "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.cuda.reset_peak_memory_stats()
+    return device
+
+
+def synchronised(step, device):
+    import torch
+
+    if device.type != "cuda":
+        return step
+    return lambda: (step(), torch.cuda.synchronize())
+
+
+def peak_mib(device):
+    import torch
+
+    return int(torch.cuda.max_memory_reserved() / 2 ** 20) if device.type == "cuda" else None
+
+
 def infer(job):
     import torch
 
     torch.manual_seed(0)
+    device = on_device(job)
     batch, size = job["batch"], job["size"]
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size, device=device)
     if job.get("torchvision"):
         model = torchvision_model(job["torchvision"], job.get("classes", 1000)).eval()
         step = lambda: model(x)  # noqa: E731
@@ -291,23 +321,26 @@ def infer(job):
         model, _ = caffe_graph(net, {"data": (batch, 3, size, size)})
         model.eval()
         step = lambda: model({"data": x})  # noqa: E731
+    model.to(device)
     with torch.inference_mode():
-        rates = timed_rates(step, batch, job["repeats"], job["warmup"])
-    return {"rates": rates, "parameters": sum(p.numel() for p in model.parameters())}
+        rates = timed_rates(synchronised(step, device), batch, job["repeats"], job["warmup"])
+    return {"rates": rates, "parameters": sum(p.numel() for p in model.parameters()), "peak_mib": peak_mib(device)}
 
 
 def train(job):
     import torch
 
     torch.manual_seed(0)
+    device = on_device(job)
     batch, size = job["batch"], job["size"]
     net = json.load(open(job["net"]))
     model, _ = caffe_graph(net, {"data": (batch, 3, size, size), "label": (batch,)})
-    model.train()
+    model.to(device).train()
     solver = job["solver"]
     optimizer = torch.optim.SGD(model.parameters(), lr=solver["base_lr"], momentum=solver["momentum"],
                                 weight_decay=solver["weight_decay"])
-    inputs = {"data": torch.randn(batch, 3, size, size), "label": torch.randint(0, 7, (batch,))}
+    inputs = {"data": torch.randn(batch, 3, size, size, device=device),
+              "label": torch.randint(0, 7, (batch,), device=device)}
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -315,7 +348,8 @@ def train(job):
         loss.backward()
         optimizer.step()
 
-    return {"rates": timed_rates(step, batch, job["repeats"], job["warmup"])}
+    return {"rates": timed_rates(synchronised(step, device), batch, job["repeats"], job["warmup"]),
+            "peak_mib": peak_mib(device)}
 
 
 def describe():

@@ -48,6 +48,13 @@ def collect():
         facts.append(("caffe patches", ", ".join(info.get("patches", [])) or "?"))
         libcaffe = next(iter(sorted((prefix / "lib").glob("libcaffe.so*"))), None)
         libraries = linked_libraries(libcaffe) if libcaffe else {}
+        if info.get("gpu"):
+            cudnn = library_version(libraries, "libcudnn.")
+            facts.append(("cudnn", f"cuDNN {info['cudnn']}, {cudnn or 'not linked'}" if info.get("cudnn")
+                          else "off: Caffe's own CUDA kernels (CAFFE_GPU=1 CAFFE_CUDNN=1 make install for cuDNN)"))
+            if info.get("cudnn") and not cudnn:
+                problems.append(f"the build was configured with cuDNN {info['cudnn']} but libcaffe does not link it: "
+                                f"{FIX_INSTALL}")
         mkl = mkl_runtime(libraries)
         if mkl:  # MKL's runtime first: other libraries may bring an OpenBLAS that Caffe does not call
             version, kernels = mkl_version(mkl)

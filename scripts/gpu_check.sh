@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/gpu.md, for a machine with an NVIDIA GPU, its driver and nvcc (about 15 minutes
-# on 16 cores, most of it the CUDA build):
-#   1. the CUDA build with NCCL: `CAFFE_GPU=1 make install` (timed),
-#   2. `caffe device_query` of GPU 0, and Caffe's own convolution and im2col suites, CPU and GPU cases,
-#   3. 50 iterations of `emotiw train --gpu 0` against the same run on the CPU: equal losses within 1e-4,
-#   4. forward and backward of deploy nets on GPU 0 against the CPU (tests/caffe_outputs.py), within 1e-4,
+# The GPU checks of docs/gpu.md, for a machine with an NVIDIA GPU, its driver and nvcc, in one go (about
+# 9 minutes on 16 cores; the CUDA build is the long pole: all cores, the GPU's own architecture only):
+#   1. the CUDA build with cuDNN 9 and NCCL: `CAFFE_GPU=1 CAFFE_CUDA_ARCH=<this GPU> make install` (timed),
+#   2. `caffe device_query` of GPU 0, `emotiw doctor` (names cuDNN), and Caffe's own suites for the layers
+#      on cuDNN (convolution, deconvolution, pooling, softmax, LRN, ReLU/sigmoid/tanh) and im2col, CPU
+#      and GPU cases with their gradient checks,
+#   3. 50 iterations of `emotiw train --gpu 0` (deterministic cuDNN algorithms) against the same run on
+#      the CPU: equal losses within 1e-4; with several GPUs also `--gpu all` (NCCL),
+#   4. forward and backward of every registered deploy net on GPU 0 against the CPU
+#      (tests/caffe_outputs.py), within 1e-4,
+#   5. bench rows (bench/gpu.py): HoloNet, SSE-DenseNet-121, DSN-ResNet-50 and VGG-Face, inference at
+#      batch 1 and 64 and training at 32 and 64, with cuDNN, without it and PyTorch on the same card
+#      where the bench environment (or TORCH_PYTHON) has PyTorch with CUDA, with peak GPU memory,
 # then `CAFFE_GPU=0 make install`, so that the venv links the CPU build as before. Steps 3 and 4 run the
 # CPU side with the same CUDA build in CPU mode, so that only the device differs.
 # Usage: scripts/gpu_check.sh [OUT]   (default OUT: gpu-check/; the summary is OUT/summary.txt)
+# Offline machines: the wheels (cuBLAS, cuRAND, NCCL, cuDNN) and Debian's caffe source must be in pip's
+# cache and CAFFE_SRC beforehand (docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-check}")
@@ -21,16 +30,22 @@ command -v nvidia-smi > /dev/null || fail "no nvidia-smi: this machine has no NV
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' | tee -a "$summary"
 
 start=$(date +%s)
-CAFFE_GPU=1 make install > "$out/install-gpu.log" 2>&1 || fail "CAFFE_GPU=1 make install (log: $out/install-gpu.log)"
-say "CUDA build and install: $(( $(date +%s) - start )) s ($(grep -o 'caffe-[0-9a-f]*' "$out/install-gpu.log" | head -1))"
-.venv/bin/python -c "from emotiw.caffe.env import caffe_build_info as b; i = b(); assert i['gpu'] and '-DUSE_NCCL=ON' in i['cmake_flags'], i" \
-    || fail "the venv does not link a CUDA build with NCCL"
+step() { say "$1: $(( $(date +%s) - start )) s since the start"; }
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 | tr -d '. ')
+CAFFE_GPU=1 CAFFE_CUDNN=1 CAFFE_CUDA_ARCH=$arch make install > "$out/install-gpu.log" 2>&1 \
+    || fail "CAFFE_GPU=1 make install (log: $out/install-gpu.log)"
+step "CUDA build (sm_$arch) and install ($(grep -o 'caffe-[0-9a-f]*' "$out/install-gpu.log" | head -1))"
+.venv/bin/python -c "from emotiw.caffe.env import caffe_build_info as b; i = b(); assert i['gpu'] and '-DUSE_NCCL=ON' in i['cmake_flags'] and i.get('cudnn'), i" \
+    || fail "the venv does not link a CUDA build with cuDNN and NCCL"
+.venv/bin/emotiw doctor > "$out/doctor.txt" 2>&1 || fail "emotiw doctor (output: $out/doctor.txt)"
+grep -E "^(caffe build|cudnn) " "$out/doctor.txt" | sed 's/^/doctor: /' | tee -a "$summary"
 
 .venv/bin/caffe device_query --gpu 0 > "$out/device_query.log" 2>&1 || fail "caffe device_query (log: $out/device_query.log)"
 grep -E "Device id|Major revision|Total global memory|Clock rate|Number of multiprocessors" "$out/device_query.log" \
     | sed 's/.*\] /device_query: /' | tee -a "$summary"
 python3 tools/caffe_build.py unit-tests > "$out/unit-tests.log" 2>&1 || fail "Caffe's unit tests (log: $out/unit-tests.log)"
-say "unit tests: $(grep -E '^\[  PASSED  \]' "$out/unit-tests.log")"
+say "unit tests: $(grep -E '^\[  PASSED  \]' "$out/unit-tests.log"), of which cuDNN: $(grep -c 'OK \] CuDNN' "$out/unit-tests.log")"
+step "unit tests"
 
 # 3. training: the tiny learnable lists of tests/test_train.py, 50 iterations each way
 .venv/bin/python - "$out" <<'EOF'
@@ -42,9 +57,11 @@ out = Path(sys.argv[1]) / "train-data"
 out.mkdir(parents=True, exist_ok=True)
 write_list(out, "train", 4, seed=0), write_list(out, "val", 2, seed=1)
 EOF
-for device in cpu gpu; do
-    extra=(); [ $device = gpu ] && extra=(--gpu 0)
-    .venv/bin/emotiw train sse_holonet_3conv-s_concat --train "$out/train-data/train.txt" --val "$out/train-data/val.txt" \
+gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+devices=(cpu gpu); [ "$gpus" -gt 1 ] && devices+=(all)
+for device in "${devices[@]}"; do
+    extra=(); [ $device = gpu ] && extra=(--gpu 0); [ $device = all ] && extra=(--gpu all)
+    CAFFE_CUDNN_DETERMINISTIC=1 .venv/bin/emotiw train sse_holonet_3conv-s_concat --train "$out/train-data/train.txt" --val "$out/train-data/val.txt" \
         --out "$out/train-$device" --max-iter 50 --batch-size 8 --test-batch-size 7 --test-iter 2 --test-interval 25 \
         --snapshot 50 --display 1 --input-size 48 "${extra[@]}" > "$out/train-$device.txt" 2>&1 \
         || fail "emotiw train on the $device (log: $out/train-$device.txt)"
@@ -59,6 +76,8 @@ def losses(device):
         return {int(r["iteration"]): float(r["value"]) for r in csv.DictReader(handle)
                 if r["phase"] == "train" and r["name"] == "total_loss"}
 cpu, gpu = losses("cpu"), losses("gpu")
+if (out / "train-all").exists():
+    print(f"train --gpu all: {len(losses('all'))} iterations, final loss {losses('all')[max(losses('all'))]:.6f}")
 assert cpu.keys() == gpu.keys() and len(cpu) >= 50, (len(cpu), len(gpu))
 worst = max(cpu, key=lambda i: abs(cpu[i] - gpu[i]) / max(1.0, abs(cpu[i])))
 error = abs(cpu[worst] - gpu[worst]) / max(1.0, abs(cpu[worst]))
@@ -68,7 +87,8 @@ sys.exit(error > 1e-4)
 EOF
 
 # 4. deploy nets, forward and backward on seeded weights, GPU 0 against the CPU
-nets=(sse_holonet_3conv-s_concat sse_densenet121_3conv-s_concat sse_resnet50_4conv-c_concat dsn_resnet50 vgg_face fer2013_mini_xception)
+step "training"
+read -r -a nets <<< "$(.venv/bin/python -c 'from emotiw import nets; print(" ".join(nets.names()))')"
 .venv/bin/python tests/caffe_outputs.py "$out/scores-cpu" --batch 8 "${nets[@]}"
 .venv/bin/python tests/caffe_outputs.py "$out/scores-gpu" --batch 8 --gpu "${nets[@]}"
 .venv/bin/python - "$out" "${nets[@]}" <<'EOF' | tee -a "$summary"
@@ -88,6 +108,14 @@ for name in names:
           f"{'PASS' if errors[worst] <= 1e-4 else 'FAIL'}")
 sys.exit(failed)
 EOF
+
+step "CPU/GPU agreement of ${#nets[@]} nets"
+
+# 5. bench rows against PyTorch on the same card
+.venv/bin/python -m bench.gpu "$out/bench" --reference-python "${TORCH_PYTHON:-bench/.venv-ref/bin/python}" \
+    --repeats 3 --warmup 1 > "$out/bench.log" 2>&1 || fail "bench/gpu.py (log: $out/bench.log)"
+cat "$out/bench/gpu.md" >> "$summary"
+step "bench rows"
 
 # CAFFE_GPU=0: with a driver present, a plain `make install` would choose the CUDA build
 CAFFE_GPU=0 make install > "$out/install-cpu.log" 2>&1 || fail "make install of the CPU build (log: $out/install-cpu.log)"

@@ -133,3 +133,41 @@ def test_gemm_is_set_against_the_peak_computed_from_the_measured_clock(quick_rep
         if measured is not None:
             assert row["fraction_of_measured_peak"] == pytest.approx(row["median"] / measured["median"])
             assert row["median"] < 1.05 * measured["median"]  # no GEMM beats the FMA units
+
+
+def test_gpu_rows_without_cudnn_put_every_cudnn_layer_on_caffes_kernels(tmp_path):
+    """bench/gpu.py's "no cuDNN" rows: the same net with `engine: CAFFE` wherever a layer has a cuDNN
+    engine; the original is left as it was, and the copy computes the same scores (here on the CPU)."""
+    from google.protobuf import text_format
+
+    from bench.gpu import ENGINE_FIELDS, without_cudnn
+    from emotiw import nets
+    from emotiw.caffe.env import import_caffe
+
+    net = nets.build("sse_holonet_3conv-s_concat", "deploy")
+    plain = without_cudnn(net)
+    engines = {layer.type: getattr(layer, ENGINE_FIELDS[layer.type]).engine
+               for layer in plain.layer if layer.type in ENGINE_FIELDS}
+    assert {"Convolution", "Pooling", "ReLU", "Softmax"} <= set(engines) and set(engines.values()) == {1}
+    assert all(getattr(layer, ENGINE_FIELDS[layer.type]).engine == 0 for layer in net.layer
+               if layer.type in ENGINE_FIELDS)
+    caffe = import_caffe()
+    scores = []
+    for name, param in (("net", net), ("plain", plain)):
+        (tmp_path / f"{name}.prototxt").write_text(text_format.MessageToString(param))
+        caffe.set_random_seed(0)
+        loaded = caffe.Net(str(tmp_path / f"{name}.prototxt"), caffe.TEST)
+        loaded.blobs["data"].data[...] = np.random.default_rng(0).standard_normal(loaded.blobs["data"].data.shape)
+        scores.append(loaded.forward()[loaded.outputs[0]].copy())
+    np.testing.assert_array_equal(*scores)
+
+
+def test_gpu_table_sets_each_row_against_pytorch_on_the_same_net_and_batch():
+    from bench.gpu import markdown
+
+    rows = [{"net": "holonet", "task": "training", "batch": 32, "impl": impl, "median": rate, "peak_mib": 100}
+            for impl, rate in (("caffe train, cuDNN", 300.0), ("caffe train, no cuDNN", 100.0),
+                               ("PyTorch eager fp32, cuDNN", 200.0))]
+    table = markdown(rows, ["infer holonet 1: no bench environment"])
+    assert "| caffe train, cuDNN | 300.0 | 1.50x |" in table and "| caffe train, no cuDNN | 100.0 | 0.50x |" in table
+    assert "- skipped: infer holonet 1" in table

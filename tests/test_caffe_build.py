@@ -89,8 +89,70 @@ def test_gpu_builds_take_the_same_make_install():
     for build in caffe_build.cache_root().glob("caffe-*/emotiw-build.json"):
         info = json.loads(build.read_text())
         if info["gpu"]:
-            assert {"-DCPU_ONLY=OFF", "-DUSE_NCCL=ON", "-DUSE_CUDNN=OFF"} <= set(info["cmake_flags"])
+            assert {"-DCPU_ONLY=OFF", "-DUSE_NCCL=ON"} <= set(info["cmake_flags"])
+            assert ("-DUSE_CUDNN=ON" in info["cmake_flags"]) == bool(info.get("cudnn"))
             assert (build.parent / "lib" / "libcaffe.so").exists()
+
+
+def test_cuda_builds_use_cudnn_where_its_flags_are_given(monkeypatch):
+    info = {"include": "/inc", "libdir": "/lib", "ldlibrary": "libpython3.so"}
+    cudnn = ["-DCUDNN_INCLUDE=/w/cudnn/include", "-DCUDNN_LIBRARY=/w/cudnn/lib/libcudnn.so.9"]
+    with_cudnn = caffe_build.cmake_flags(info, gpu=True, cuda=["-DCUDA_TOOLKIT_ROOT_DIR=/opt/cuda", *cudnn])
+    assert "-DUSE_CUDNN=ON" in with_cudnn and set(cudnn) <= set(with_cudnn)
+    assert "-DUSE_CUDNN=OFF" in caffe_build.cmake_flags(info, gpu=True, cuda=["-DCUDA_TOOLKIT_ROOT_DIR=/opt/cuda"])
+    assert "-DUSE_CUDNN=OFF" in caffe_build.cmake_flags(info, gpu=False)
+    monkeypatch.setenv("CAFFE_CUDA_ARCH", "90")  # scripts/gpu_check.sh: the GPU at hand only
+    flags = caffe_build.cmake_flags(info, gpu=True, cuda=cudnn)
+    assert "-DCUDA_ARCH_BIN=90" in flags and "-DCUDA_ARCH_PTX=" in flags
+    monkeypatch.setenv("CAFFE_CUDNN", "0")
+    assert not caffe_build.use_cudnn()
+    monkeypatch.setenv("CAFFE_CUDNN", "1")
+    assert caffe_build.use_cudnn()
+
+
+def test_cudnn_version_is_read_from_cudnn_version_h(tmp_path):
+    (tmp_path / "cudnn_version.h").write_text("#define CUDNN_MAJOR 9\n#define CUDNN_MINOR 28\n"
+                                              "#define CUDNN_PATCHLEVEL 1\n#define CUDNN_VERSION (CUDNN_MAJOR * 10000)\n")
+    assert caffe_build.cudnn_version(tmp_path) == "9.28.1"
+
+
+def test_cudnn_for_another_cuda_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(caffe_build, "system_library", lambda name: None)
+    if Path("/usr/include/cudnn_version.h").exists():
+        pytest.skip("this system has its own cuDNN")
+    with pytest.raises(InstallError) as error:
+        caffe_build.cudnn_flags(fake_toolkit(tmp_path / "cuda-12", "12.4"))
+    message = str(error.value)
+    assert "\n" not in message and "CUDA 12" in message and "CAFFE_CUDNN=0" in message
+
+
+@pytest.mark.slow  # the first run downloads the 520 MB cuDNN wheel
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_cudnn_comes_from_its_pinned_wheel_and_loads_its_parts():
+    """The wheel's pin and hash hold, its libcudnn.so.9 finds the sub-libraries beside it (creating a
+    convolution descriptor loads libcudnn_cnn), and cuDNN rounds pooling outputs down where Caffe
+    rounds up: the case 0006 hands back to Caffe's own pooling kernels."""
+    import ctypes
+
+    toolkit = caffe_build.cuda_toolkit_root()
+    flags, version = caffe_build.cudnn_flags(toolkit)
+    library = Path(dict(flag[2:].split("=", 1) for flag in flags)["CUDNN_LIBRARY"])
+    if not library.is_relative_to(caffe_build.cache_root()):
+        pytest.skip(f"this machine has its own cuDNN ({library})")
+    assert version == caffe_build.CUDNN_WHEEL[0].split("==")[1].rsplit(".", 1)[0]
+    cudnn = ctypes.CDLL(str(library))
+    cudnn.cudnnGetVersion.restype = ctypes.c_size_t
+    assert cudnn.cudnnGetVersion() == int("".join(f"{int(part):02d}" for part in version.split(".")))
+    convolution, pooling, tensor = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    assert cudnn.cudnnCreateConvolutionDescriptor(ctypes.byref(convolution)) == 0
+    assert cudnn.cudnnCreatePoolingDescriptor(ctypes.byref(pooling)) == 0
+    assert cudnn.cudnnCreateTensorDescriptor(ctypes.byref(tensor)) == 0
+    dims = [ctypes.c_int() for _ in range(4)]
+    for height, caffe_rows in ((7, 3), (8, 4)):  # 3x3 windows, stride 2: Caffe ceil((h - 3) / 2) + 1
+        assert cudnn.cudnnSetPooling2dDescriptor(pooling, 2, 1, 3, 3, 0, 0, 2, 2) == 0  # average, padding counted
+        assert cudnn.cudnnSetTensor4dDescriptor(tensor, 0, 0, 1, 4, height, height) == 0  # NCHW float
+        assert cudnn.cudnnGetPooling2dForwardOutputDim(pooling, tensor, *map(ctypes.byref, dims)) == 0
+        assert (dims[2].value == caffe_rows) == (height == 7)
 
 
 def fake_toolkit(root, release):

@@ -283,3 +283,35 @@ def test_patched_build_agrees_with_the_unpatched_one(tmp_path):
 @pytest.mark.slow
 def test_patched_build_agrees_with_the_unpatched_one_on_every_net(tmp_path):
     check_agreement(nets.names(), 8, tmp_path)  # 8: two chunks at 14x14 outputs
+
+
+def cudnn_builds():
+    """Cached CUDA builds with cuDNN of the patches here (caffe_patches/0006), or a skip."""
+    orig, debian = caffe_build.source_tarballs()
+    info = caffe_build.venv_info()
+    builds = []
+    for path in sorted(caffe_build.cache_root().glob("caffe-*/emotiw-build.json")):
+        build = json.loads(path.read_text())
+        if build.get("cudnn") and path.parent.name == f"caffe-{caffe_build.build_key(orig, debian, info, build['cmake_flags'])}":
+            builds.append(path.parent)
+    if not builds:
+        pytest.skip("no CUDA build with cuDNN of these patches in the cache: CAFFE_GPU=1 python3 tools/caffe_build.py build")
+    return builds
+
+
+def test_a_cuda_build_with_cudnn_sets_up_and_runs_the_nets_on_the_cpu(tmp_path):
+    """Its layers are cuDNN's (convolution with dilation, pooling, ReLU, softmax), which must set up
+    without a GPU and hand the CPU pass to Caffe's own code: the same scores and gradients as the
+    CPU build. DSN-ResNet-50 has the dilated convolutions and DenseNet the average pooling."""
+    linked = caffe_build.VENV.joinpath("emotiw-caffe").resolve()
+    names = ["sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat", "dsn_resnet50"]
+    ours = outputs(linked, names, 2, tmp_path)
+    for build in cudnn_builds():
+        theirs = outputs(build, names, 2, tmp_path)
+        for name in names:
+            (our_caffe, our_blobs), (their_caffe, their_blobs) = load(ours, name), load(theirs, name)
+            assert our_caffe.is_relative_to(linked) and their_caffe.is_relative_to(build)
+            assert our_blobs.keys() == their_blobs.keys()
+            errors = {key: relative_error(our_blobs[key], their_blobs[key]) for key in our_blobs}
+            worst = max(errors, key=errors.get)
+            assert errors[worst] <= TOLERANCE, f"{build.name} {name} {worst}: {errors[worst]:.2e}"

@@ -10,7 +10,9 @@ temporary directory renamed into the cache when complete -> pycaffe and the tool
 Settings (environment): CAFFE_BLAS=mkl|open (Intel MKL from its pinned PyPI wheels, the default for
 a CPU build on an Intel CPU; or Debian's OpenBLAS, the default elsewhere), CAFFE_GPU=1|0 (a CUDA build with NCCL; default: only where nvcc and a GPU driver
 are present; cuBLAS, cuRAND and NCCL come from pinned PyPI wheels where the toolkit lacks them),
-CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. Commands: `install` (build or reuse, then link into the venv),
+CAFFE_CUDNN=1|0 (a CUDA build's layers on cuDNN 9, the default, from its pinned wheel where the
+system has none; or Caffe's own kernels), CAFFE_CUDA_ARCH (one GPU architecture, e.g. 90, instead of
+SASS for 80 and 90 and PTX for newer), CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. Commands: `install` (build or reuse, then link into the venv),
 `build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
 the layers our patches change, built once per build and run against it).
 """
@@ -74,9 +76,17 @@ CUDA_WHEELS = {
     "nccl": ("nvidia-nccl-cu13==2.30.7", "nvidia/nccl/include/nccl.h", "nvidia/nccl/lib/libnccl.so.2"),
 }
 CUDA_WHEELS_MAJOR = 13
+# cuDNN 9 for CUDA 13 (caffe_patches/0006), pinned by version and hash: header, library, inside the wheel.
+CUDNN_WHEEL = ("nvidia-cudnn-cu13==9.28.1.4",
+               "sha256:a54f205b1db1f2895d99f398754db1369816f0569dd459731f925635cf7b65ec",
+               "nvidia/cudnn/include/cudnn_version.h", "nvidia/cudnn/lib/libcudnn.so.9")
 # Caffe's gtest suites for the layers and helpers caffe_patches/ changes (0004: convolution, im2col;
 # 0005: im2col, col2im, max pooling).
 UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp", "test_pooling_layer.cpp"]
+# and, in CUDA builds, those of the other layers 0006 ports to cuDNN 9 (deconvolution, softmax, LRN,
+# ReLU / sigmoid / tanh in the neuron suite)
+CUDNN_TEST_SOURCES = ["test_deconvolution_layer.cpp", "test_softmax_layer.cpp", "test_lrn_layer.cpp",
+                      "test_neuron_layer.cpp"]
 # Our patches that make Caffe's CPU code faster without changing what it computes: the bench and the
 # tests compare builds with and without them.
 SPEED_PATCHES = ("0004-batched-cpu-convolution.patch", "0005-cpu-im2col-rows-and-max-pooling.patch")
@@ -289,9 +299,15 @@ def ensure_wheels(name, wheels, layout):
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=dest.parent))
     try:
-        log(f"installing {' '.join(wheels)} into {dest}")
-        run([str(venv_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-             "--no-warn-script-location", "--no-compile", f"--{layout}", str(work), *wheels])
+        log(f"installing {' '.join(wheel.split()[0] for wheel in wheels)} into {dest}")
+        requirements = Path(tempfile.mkdtemp(prefix=name + ".req-", dir=dest.parent))
+        (requirements / "requirements.txt").write_text("\n".join(wheels) + "\n")  # pins may carry --hash=
+        try:
+            run([str(venv_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                 "--no-warn-script-location", "--no-compile", f"--{layout}", str(work),
+                 "-r", str(requirements / "requirements.txt")])
+        finally:
+            shutil.rmtree(requirements, ignore_errors=True)
         (work / "emotiw-wheels.json").write_text(json.dumps(wheels))
         shutil.rmtree(dest, ignore_errors=True)  # an install of other pins
         work.rename(dest)
@@ -348,8 +364,11 @@ def cuda_flags():
     # FindCUDA drops the cached library and include paths (ours too) whenever the toolkit root differs
     # from the one it saw last, which on a first configure is none; naming the same root as the one
     # seen keeps them.
-    return [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}", f"-DCUDA_TOOLKIT_ROOT_DIR_INTERNAL={toolkit}",
-            *cuda_library_flags(toolkit)]
+    flags = [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}", f"-DCUDA_TOOLKIT_ROOT_DIR_INTERNAL={toolkit}",
+             *cuda_library_flags(toolkit)]
+    if use_cudnn():
+        flags += cudnn_flags(toolkit)[0]
+    return flags
 
 
 def cuda_library_flags(toolkit):
@@ -395,9 +414,47 @@ def cuda_library_flags(toolkit):
     return flags
 
 
+def use_cudnn():
+    """CAFFE_CUDNN=1|0 for a CUDA build: cuDNN's layers (the default) or Caffe's own CUDA kernels."""
+    return os.environ.get("CAFFE_CUDNN", "1").lower() not in ("0", "no", "false", "off")
+
+
+def cudnn_flags(toolkit):
+    """CMake flags for cuDNN: the toolkit's or the system's where it has cudnn_version.h and
+    libcudnn.so, else the pinned wheel's; the second value is its version, for emotiw-build.json."""
+    for include, library in ((toolkit / "include", toolkit / "lib64" / "libcudnn.so"),
+                             (Path("/usr/include"), Path(system_library("cudnn") or "/nonexistent"))):
+        if (include / "cudnn_version.h").exists() and library.exists():
+            break
+    else:
+        major = cuda_major(toolkit)
+        if major != CUDA_WHEELS_MAJOR:
+            raise InstallError(f"the CUDA {major} toolkit at {toolkit} has no cuDNN; install cuDNN 9 for CUDA {major} "
+                               "(NVIDIA's libcudnn9-dev-cuda-* package or the nvidia-cudnn-cu* wheel), or build "
+                               "without it: CAFFE_CUDNN=0")
+        pin, digest, header, library = CUDNN_WHEEL
+        root = ensure_wheels("cudnn-" + pin.split("==")[1], [f"{pin} --hash={digest}"], "target")
+        include, library = (root / header).parent, root / library
+        if not (include / "cudnn_version.h").exists() or not library.exists():
+            raise InstallError(f"the {pin} wheel installed no {header} or {library.name}; delete {root} and run "
+                               "make install again")
+    return [f"-DCUDNN_INCLUDE={include}", f"-DCUDNN_LIBRARY={library}"], cudnn_version(include)
+
+
+def cudnn_version(include):
+    """"9.28.1" from cudnn_version.h."""
+    numbers = {}
+    for line in (include / "cudnn_version.h").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == "#define" and fields[1] in ("CUDNN_MAJOR", "CUDNN_MINOR",
+                                                                          "CUDNN_PATCHLEVEL"):
+            numbers[fields[1]] = fields[2]
+    return ".".join(numbers.get(key, "?") for key in ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL"))
+
+
 def cmake_flags(info, gpu, mkl_root=None, cuda=()):
-    """The CMake flags of a build: CPU only or CUDA with NCCL (cuda: cuda_flags()'s toolkit and
-    library flags), OpenBLAS or, with mkl_root, MKL."""
+    """The CMake flags of a build: CPU only or CUDA with NCCL (cuda: cuda_flags()'s toolkit, library and
+    cuDNN flags; USE_CUDNN=ON where they name cuDNN), OpenBLAS or, with mkl_root, MKL."""
     if mkl_root is None:
         blas = ["-DBLAS=Open"]
     else:
@@ -407,13 +464,17 @@ def cmake_flags(info, gpu, mkl_root=None, cuda=()):
         "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DBUILD_docs=OFF",
         "-DBUILD_matlab=OFF", "-DBUILD_python=ON", "-DBUILD_python_layer=ON", "-Dpython_version=3",
         *blas, "-DUSE_LEVELDB=ON", "-DUSE_LMDB=ON", "-DUSE_OPENCV=ON", "-DUSE_HDF5=ON",
-        "-DUSE_CUDNN=OFF", f"-DUSE_NCCL={'ON' if gpu else 'OFF'}", "-DALLOW_LMDB_NOLOCK=OFF",
+        f"-DUSE_CUDNN={'ON' if any(flag.startswith('-DCUDNN_INCLUDE=') for flag in cuda) else 'OFF'}",
+        f"-DUSE_NCCL={'ON' if gpu else 'OFF'}", "-DALLOW_LMDB_NOLOCK=OFF",
         f"-DPYTHON_INCLUDE_DIR={info['include']}",
         f"-DPYTHON_LIBRARY={Path(info['libdir']) / info['ldlibrary']}",
     ]
     if gpu:
+        # CAFFE_CUDA_ARCH=90: SASS for that architecture only (scripts/gpu_check.sh: the GPU at hand)
+        arch_bin, arch_ptx = ((os.environ["CAFFE_CUDA_ARCH"], "") if os.environ.get("CAFFE_CUDA_ARCH")
+                              else (CUDA_ARCH_BIN, CUDA_ARCH_PTX))
         flags += ["-DCPU_ONLY=OFF", "-DCUDA_ARCH_NAME=Manual",
-                  f"-DCUDA_ARCH_BIN={CUDA_ARCH_BIN}", f"-DCUDA_ARCH_PTX={CUDA_ARCH_PTX}", *cuda]
+                  f"-DCUDA_ARCH_BIN={arch_bin}", f"-DCUDA_ARCH_PTX={arch_ptx}", *cuda]
     else:
         flags += ["-DCPU_ONLY=ON"]
     return flags
@@ -490,7 +551,9 @@ def build_caffe(orig, debian, info, flags, dest):
             "caffe_version": CAFFE_VERSION, "upstream_commit": CAFFE_UPSTREAM_COMMIT,
             "patches": [p.name for p in patches], "cmake_flags": flags,
             "python": info["python"], "numpy": info["numpy"],
-            "gpu": "-DCPU_ONLY=OFF" in flags}, indent=1))
+            "gpu": "-DCPU_ONLY=OFF" in flags,
+            "cudnn": next((cudnn_version(Path(flag.split("=", 1)[1])) for flag in flags
+                           if flag.startswith("-DCUDNN_INCLUDE=")), None)}, indent=1))
         # Only the installed tree is kept: sources and objects are large and not needed at run time.
         prefix.rename(dest)
     finally:
@@ -582,12 +645,13 @@ def unit_tests_binary(prefix):
     try:
         src, build_dir, out = work / "src", work / "build", work / "out"
         patched_source(orig, debian, src)
+        suites = UNIT_TEST_SOURCES + (CUDNN_TEST_SOURCES if build["gpu"] else [])
         sources = ["src/gtest/gtest-all.cpp", "src/caffe/test/test_caffe_main.cpp",
-                   *(f"src/caffe/test/{name}" for name in UNIT_TEST_SOURCES)]
+                   *(f"src/caffe/test/{name}" for name in suites)]
         (src / "CMakeLists.txt").write_text(UNIT_TESTS_CMAKE.format(sources=" ".join(sources)))
         build_dir.mkdir()
         build_log = dest.parent / f"{dest.name}.log"
-        log(f"compiling Caffe's {', '.join(UNIT_TEST_SOURCES)} against {prefix} (about a minute); "
+        log(f"compiling Caffe's {', '.join(suites)} against {prefix} (about a minute); "
             f"log: {build_log}")
         with open(build_log, "w") as log_file:
             for step in (["cmake", str(src), "-DCMAKE_BUILD_TYPE=Release", f"-DCaffe_DIR={prefix / 'share' / 'Caffe'}"],
