@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -300,3 +301,16 @@ def test_scenedetect_is_installed_beside_the_one_headless_opencv():
     installed = {dist.metadata["Name"].lower() for dist in metadata.distributions()}
     assert [name for name in installed if name.startswith("opencv")] == ["opencv-python-headless"]
     assert Path(cv2.__file__).resolve().is_relative_to(Path(sys.prefix).resolve())
+
+
+def test_doctor_names_the_cudnn_of_a_cuda_build():
+    builds = [path.parent for path in sorted(caffe_build.cache_root().glob("caffe-*/emotiw-build.json"))
+              if json.loads(path.read_text()).get("cudnn")]
+    if not builds:
+        pytest.skip("no CUDA build with cuDNN in the cache: CAFFE_GPU=1 python3 tools/caffe_build.py build")
+    env = dict(os.environ, PYTHONPATH=str(builds[0] / caffe_build.PYCAFFE_DIR), GLOG_minloglevel="3")
+    result = subprocess.run([str(Path(sys.prefix) / "bin" / "emotiw"), "doctor"], capture_output=True, text=True,
+                            env=env)
+    facts = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.startswith("cudnn "))
+    version = json.loads((builds[0] / "emotiw-build.json").read_text())["cudnn"]
+    assert facts["cudnn"].startswith(f"cuDNN {version}, libcudnn.so.9 (") and str(builds[0]) in result.stdout
