@@ -81,7 +81,8 @@ def test_gpu_build_is_explicit_or_needs_a_driver(monkeypatch):
     assert any("CUDA_ARCH_BIN" in f and "80" in f and "90" in f for f in gpu_flags)
     cpu_flags = caffe_build.cmake_flags(info, gpu=False)
     assert "-DCPU_ONLY=ON" in cpu_flags and "-DUSE_NCCL=OFF" in cpu_flags
-    assert not any("CUDA" in flag for flag in cpu_flags)
+    assert not any("CUDA" in flag for flag in cpu_flags) and "-DUSE_DNNL=ON" in cpu_flags
+    assert not any("DNNL" in flag for flag in gpu_flags)
 
 
 def test_gpu_builds_take_the_same_make_install():

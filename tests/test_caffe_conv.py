@@ -163,12 +163,17 @@ def relative_error(ours, expected):
     return float(np.abs(ours - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
+@pytest.mark.parametrize("engine", ["CAFFE", "DNNL"])
 @pytest.mark.parametrize("geo,batch", list(layer_cases()))
-def test_convolution_matches_the_float64_formula(geo, batch, tmp_path):
-    from caffe import layers as L
+def test_convolution_matches_the_float64_formula(geo, batch, engine, tmp_path):
+    """Every kind of convolution of our nets, forward and backward, with Caffe's own forward pass and
+    with oneDNN's (caffe_patches/0007; its backward pass is Caffe's)."""
+    from caffe import layers as L, params as P
 
     from emotiw.caffe.env import import_caffe
 
+    if engine == "DNNL":
+        dnnl_build()
     caffe = import_caffe()
     caffe.set_mode_cpu()
     c, h, w, m, kernel, stride, pad, dilation, group, bias = geo
@@ -176,7 +181,7 @@ def test_convolution_matches_the_float64_formula(geo, batch, tmp_path):
     n.data = L.Input(shape=dict(dim=[batch, c, h, w]))
     n.conv = L.Convolution(n.data, num_output=m, kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0],
                            stride_w=stride[1], pad_h=pad[0], pad_w=pad[1], dilation=list(dilation), group=group,
-                           bias_term=bias)
+                           bias_term=bias, engine=getattr(P.Convolution, engine))
     net = backward_net(caffe, n, tmp_path)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
@@ -315,3 +320,67 @@ def test_a_cuda_build_with_cudnn_sets_up_and_runs_the_nets_on_the_cpu(tmp_path):
             errors = {key: relative_error(our_blobs[key], their_blobs[key]) for key in our_blobs}
             worst = max(errors, key=errors.get)
             assert errors[worst] <= TOLERANCE, f"{build.name} {name} {worst}: {errors[worst]:.2e}"
+
+
+# The quick nets agree within 1e-5; DSN-ResNet-50's deepest side output (prob-dsn6, after 50 layers with
+# BatchNorm statistics of two images) differs by 2.3e-4 (1.4e-4 with MKL), where MKL and OpenBLAS on
+# Caffe's own path already differ by 6.8e-5: float32 rounding, each convolution kind being within 1e-5
+# of the float64 formula (test_convolution_matches_the_float64_formula, engine DNNL).
+ONEDNN_TOLERANCE = 5e-4
+# Its gradients as a whole differ by 1.4e-2 (relative L2), where MKL and OpenBLAS on Caffe's own path
+# differ by 1.0e-2: the BatchNorm statistics of two images amplify the rounding, in the backward pass most.
+ONEDNN_GRADIENT_TOLERANCE = 3e-2
+
+
+def dnnl_build():
+    linked = caffe_build.VENV.joinpath("emotiw-caffe").resolve()
+    if "-DUSE_DNNL=ON" not in json.loads((linked / "emotiw-build.json").read_text())["cmake_flags"]:
+        pytest.skip("the linked Caffe build has no oneDNN engine (a CUDA build)")
+    return linked
+
+
+def test_convolutions_run_forward_on_onednn_where_caffe_dnnl_is_1(tmp_path):
+    """oneDNN's verbose log names the convolutions it ran: those of engine DEFAULT with CAFFE_DNNL=1,
+    not `engine: CAFFE` ones, and none without CAFFE_DNNL=1."""
+    prefix = dnnl_build()
+    net = tmp_path / "net.prototxt"
+    net.write_text('input: "data" input_shape { dim: 2 dim: 3 dim: 12 dim: 12 }\n'
+                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
+                   ' num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }\n'
+                   'layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {'
+                   ' num_output: 4 kernel_size: 3 engine: CAFFE weight_filler { type: "gaussian" } } }\n')
+    code = f"import caffe; caffe.Net({str(net)!r}, caffe.TEST).forward()"
+    runs = {}
+    for switch in ("1", "0", ""):
+        env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1",
+               "CAFFE_DNNL": switch, "GLOG_minloglevel": "2"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        runs[switch] = [line for line in done.stdout.splitlines()
+                        if line.startswith("onednn_verbose,exec,cpu,convolution")]
+    assert len(runs["1"]) == 1 and runs["0"] == runs[""] == []  # layer b asked for Caffe's own
+
+
+def test_onednn_forward_agrees_with_caffes_own_on_the_nets(tmp_path):
+    """Every output of the forward pass of every quick net, and DSN-ResNet-50 (dilated), within
+    ONEDNN_TOLERANCE with oneDNN and with Caffe's own convolutions; the gradients (Caffe's backward
+    pass either way, from each forward's outputs) within ONEDNN_GRADIENT_TOLERANCE as a whole:
+    DenseNet's and DSN-ResNet-50's backward passes amplify float32 rounding, as between MKL and
+    OpenBLAS."""
+    prefix = dnnl_build()
+    names = [*QUICK_NETS, "dsn_resnet50"]
+    folders = {}
+    for switch in ("1", "0"):
+        out = tmp_path / switch
+        env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "CAFFE_DNNL": switch}
+        subprocess.run([sys.executable, str(OUTPUTS), str(out), *names, "--batch", "2"], check=True, env=env)
+        folders[switch] = out
+    for name in names:
+        (_, ours), (_, theirs) = load(folders["1"], name), load(folders["0"], name)
+        errors = {key: relative_error(ours[key], theirs[key]) for key in ours if key.startswith("forward/")}
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= ONEDNN_TOLERANCE, f"{name} {worst}: {errors[worst]:.2e}"
+        gradients = [key for key in ours if key.startswith("backward/")]
+        ours_all, theirs_all = (np.concatenate([blobs[key].ravel().astype(np.float64) for key in gradients])
+                                for blobs in (ours, theirs))
+        error = np.linalg.norm(ours_all - theirs_all) / max(np.linalg.norm(theirs_all), 1e-30)
+        assert error <= ONEDNN_GRADIENT_TOLERANCE, f"{name} gradients: {error:.2e}"

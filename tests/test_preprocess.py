@@ -148,16 +148,18 @@ from emotiw.caffe.env import CaffeBLAS
 from emotiw.execution.workers import init_worker
 init_worker(queue.Queue(), int(sys.argv[1]))
 blas = CaffeBLAS()  # Caffe, and with it its BLAS, loads after the worker's setup, as in detector()
-print(cv2.getNumThreads(), blas.threads)
+import ctypes
+print(cv2.getNumThreads(), blas.threads, ctypes.CDLL("libgomp.so.1").omp_get_max_threads())
 """
 
 
-@pytest.mark.parametrize("user_setting, expected", [(None, "1 1"), ("2", "1 2")])
+@pytest.mark.parametrize("user_setting, expected", [(None, "1 1 1"), ("2", "1 2 1")])
 def test_a_worker_takes_its_share_of_the_cores(user_setting, expected):
-    """Workers do not oversubscribe the machine: OpenCV and Caffe's BLAS (MKL or OpenBLAS) use the
-    threads given; a thread count the user set for that BLAS is kept."""
+    """Workers do not oversubscribe the machine: OpenCV, Caffe's BLAS (MKL or OpenBLAS) and OpenMP
+    (oneDNN's) use the threads given; a thread count the user set for that BLAS is kept."""
     variable = BLAS_THREADS_VARIABLES["mkl" if caffe_mkl_path() else "openblas"]
-    env = {key: value for key, value in os.environ.items() if key not in BLAS_THREADS_VARIABLES.values()}
+    env = {key: value for key, value in os.environ.items()
+           if key not in (*BLAS_THREADS_VARIABLES.values(), "OMP_NUM_THREADS")}
     if user_setting:
         env[variable] = user_setting
     result = subprocess.run([sys.executable, "-c", WORKER_THREADS, "1"], capture_output=True, text=True, env=env)

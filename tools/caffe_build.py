@@ -12,7 +12,9 @@ a CPU build on an Intel CPU; or Debian's OpenBLAS, the default elsewhere), CAFFE
 are present; cuBLAS, cuRAND and NCCL come from pinned PyPI wheels where the toolkit lacks them),
 CAFFE_CUDNN=1|0 (a CUDA build's layers on cuDNN 9, the default, from its pinned wheel where the
 system has none; or Caffe's own kernels), CAFFE_CUDA_ARCH (one GPU architecture, e.g. 90, instead of
-SASS for 80 and 90 and PTX for newer), CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. Commands: `install` (build or reuse, then link into the venv),
+SASS for 80 and 90 and PTX for newer), CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. CPU builds have the oneDNN
+engine for convolutions' forward pass (Debian's oneDNN 2.6; caffe_patches/0007), which CAFFE_DNNL=1
+picks at run time. Commands: `install` (build or reuse, then link into the venv),
 `build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
 the layers our patches change, built once per build and run against it).
 """
@@ -46,6 +48,7 @@ APT_PACKAGES = [
     "libprotobuf-dev", "protobuf-compiler", "libgoogle-glog-dev", "libgflags-dev",
     "libhdf5-dev", "libleveldb-dev", "liblmdb-dev", "libsnappy-dev",
     "libopenblas-dev", "libopencv-dev", "ffmpeg",
+    "libdnnl-dev",  # oneDNN 2.6 (OpenMP), CPU convolutions' forward pass (caffe_patches/0007)
     "espeak-ng",  # real speech for the audio tests and the demo
 ]
 
@@ -476,7 +479,7 @@ def cmake_flags(info, gpu, mkl_root=None, cuda=()):
         flags += ["-DCPU_ONLY=OFF", "-DCUDA_ARCH_NAME=Manual",
                   f"-DCUDA_ARCH_BIN={arch_bin}", f"-DCUDA_ARCH_PTX={arch_ptx}", *cuda]
     else:
-        flags += ["-DCPU_ONLY=ON"]
+        flags += ["-DCPU_ONLY=ON", "-DUSE_DNNL=ON"]  # the oneDNN engine, chosen at run time (CAFFE_DNNL=1)
     return flags
 
 

@@ -15,12 +15,13 @@ _worker_progress = None  # in a pool worker: sends counts to the main process's 
 
 
 def limit_threads(threads, keep_set=True):
-    """This process's share of the cores: N processes each running OpenCV's and the BLAS's all-core
-    pools oversubscribe the machine (bench/NOTES.md). OpenBLAS and MKL read their variables when
-    Caffe loads them, so this comes before the first net; `keep_set`: a value the user set is kept."""
+    """This process's share of the cores: N processes each running OpenCV's, the BLAS's and oneDNN's
+    all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS, MKL and OpenMP read their
+    variables when Caffe loads them, so this comes before the first net; `keep_set`: a value the user
+    set is kept."""
     import cv2
 
-    for variable in BLAS_THREADS_VARIABLES.values():
+    for variable in (*BLAS_THREADS_VARIABLES.values(), "OMP_NUM_THREADS"):  # OpenMP: oneDNN's (caffe_patches/0007)
         if keep_set:
             os.environ.setdefault(variable, str(threads))
         else:
