@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
