@@ -613,20 +613,26 @@ def caffe_train_rates(solver_path, batch, plan, binary=None, env=None):
     return [batch / step for step in steps[plan.warmup:]]
 
 
-def bench_training(plan, results, reference, work):
+def write_training(folder, net, iterations, mode="CPU"):
+    """train.prototxt, train.json (for the reference side) and a SOLVER solver.prototxt of `iterations`
+    displayed iterations in `mode` (CPU, or GPU on device 0) in `folder`; returns the solver's path."""
     from google.protobuf import json_format, text_format
 
-    size, batch = nets.get(TRAIN_NET).preprocessing.input_size, plan.train_batch
-    folder = work / "train"
-    folder.mkdir()
-    net = dummy_train_net(TRAIN_NET, batch, size)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.prototxt").write_text(text_format.MessageToString(net))
     (folder / "train.json").write_text(json.dumps(json_format.MessageToDict(net, preserving_proto_field_name=True)))
+    lines = [*(f"{key}: {value}" for key, value in SOLVER.items()), f'net: "{folder / "train.prototxt"}"',
+             'lr_policy: "fixed"', "display: 1", f"max_iter: {iterations}", "snapshot_after_train: false",
+             f"solver_mode: {mode}", *(["device_id: 0"] if mode == "GPU" else []), "random_seed: 0"]
     solver = folder / "solver.prototxt"
-    solver.write_text("".join(f"{key}: {value}\n" for key, value in SOLVER.items()) +
-                      f'net: "{folder / "train.prototxt"}"\nlr_policy: "fixed"\ndisplay: 1\n'
-                      f"max_iter: {plan.warmup + plan.repeats + 1}\nsnapshot_after_train: false\n"
-                      "solver_mode: CPU\nrandom_seed: 0\n")
+    solver.write_text("\n".join(lines) + "\n")
+    return solver
+
+
+def bench_training(plan, results, reference, work):
+    size, batch = nets.get(TRAIN_NET).preprocessing.input_size, plan.train_batch
+    folder = work / "train"
+    solver = write_training(folder, dummy_train_net(TRAIN_NET, batch, size), plan.warmup + plan.repeats + 1)
     label = f"{TRAIN_NET} {size}px, batch {batch}"
     ours = results.add("training", label, "caffe train", caffe_train_rates(solver, batch, plan), "images/s")
     for prefix in plan.baselines:

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench.bench import REFERENCE_PYTHON, SOLVER, Reference, caffe_train_rates, dummy_train_net, write_deploy
+from bench.bench import (REFERENCE_PYTHON, SOLVER, Reference, caffe_train_rates, dummy_train_net, write_deploy,
+                         write_training)
 from emotiw import nets
 
 GPU_NETS = ("sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat", "dsn_resnet50", "vgg_face")
@@ -106,26 +107,14 @@ def run_infer(job):
 
 
 def run_train(net_param, folder, batch, repeats, warmup):
-    from google.protobuf import text_format
-
-    class Plan:  # what caffe_train_rates reads
-        pass
-    plan = Plan()
-    plan.warmup = warmup
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.prototxt").write_text(text_format.MessageToString(net_param))
-    solver = folder / "solver.prototxt"
-    solver.write_text("".join(f"{key}: {value}\n" for key, value in SOLVER.items()) +
-                      f'net: "{folder / "train.prototxt"}"\nlr_policy: "fixed"\ndisplay: 1\n'
-                      f"max_iter: {warmup + repeats + 1}\nsnapshot_after_train: false\n"
-                      "solver_mode: GPU\ndevice_id: 0\nrandom_seed: 0\n")
+    solver = write_training(folder, net_param, warmup + repeats + 1, mode="GPU")
     with PeakMemory() as memory:
-        rates = caffe_train_rates(solver, batch, plan)
+        rates = caffe_train_rates(solver, batch, SimpleNamespace(warmup=warmup))
     return rates, memory.mib
 
 
 def bench_gpu(out, reference_python, repeats, warmup):
-    from google.protobuf import json_format, text_format
+    from google.protobuf import text_format
 
     reference = Reference(reference_python, out, SimpleNamespace(skipped=[]))
     rows = []
@@ -155,11 +144,9 @@ def bench_gpu(out, reference_python, repeats, warmup):
             for impl, param in (("caffe train, cuDNN", train), ("caffe train, no cuDNN", without_cudnn(train))):
                 folder = out / name / f"train-{batch}-{'plain' if 'no' in impl else 'cudnn'}"
                 add(name, "training", batch, impl, *run_train(param, folder, batch, repeats, warmup))
-            folder = out / name / f"train-{batch}-cudnn"
-            (folder / "train.json").write_text(json.dumps(json_format.MessageToDict(
-                train, preserving_proto_field_name=True)))
-            ref = reference.run("train", label=f"{name} {batch}", net=str(folder / "train.json"), batch=batch,
-                                size=size, solver=SOLVER, repeats=repeats, warmup=warmup, device="cuda")
+            ref = reference.run("train", label=f"{name} {batch}", batch=batch, size=size,
+                                net=str(out / name / f"train-{batch}-cudnn" / "train.json"), solver=SOLVER,
+                                repeats=repeats, warmup=warmup, device="cuda")
             if ref:
                 add(name, "training", batch, "PyTorch eager fp32, cuDNN", ref["rates"], ref["peak_mib"])
     (out / "gpu.json").write_text(json.dumps({"rows": rows, "skipped": reference.results.skipped}, indent=1))

@@ -136,8 +136,8 @@ def test_cudnn_comes_from_its_pinned_wheel_and_loads_its_parts():
     import ctypes
 
     toolkit = caffe_build.cuda_toolkit_root()
-    flags, version = caffe_build.cudnn_flags(toolkit)
-    library = Path(dict(flag[2:].split("=", 1) for flag in flags)["CUDNN_LIBRARY"])
+    flags = dict(flag[2:].split("=", 1) for flag in caffe_build.cudnn_flags(toolkit))
+    library, version = Path(flags["CUDNN_LIBRARY"]), caffe_build.cudnn_version(Path(flags["CUDNN_INCLUDE"]))
     if not library.is_relative_to(caffe_build.cache_root()):
         pytest.skip(f"this machine has its own cuDNN ({library})")
     assert version == caffe_build.CUDNN_WHEEL[0].split("==")[1].rsplit(".", 1)[0]

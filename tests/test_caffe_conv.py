@@ -246,10 +246,11 @@ def build_pairs():
     return pairs
 
 
-def outputs(prefix, names, batch, tmp_path):
-    """The folder of caffe_outputs.py's NET.npz files, run with the pycaffe of the build at prefix."""
-    out = tmp_path / prefix.name
-    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin"}
+def outputs(prefix, names, batch, tmp_path, **environment):
+    """The folder of caffe_outputs.py's NET.npz files, run with the pycaffe of the build at prefix
+    and `environment` (CAFFE_DNNL=1, say)."""
+    out = tmp_path / "-".join([prefix.name, *(f"{key}={value}" for key, value in environment.items())])
+    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", **environment}
     subprocess.run([sys.executable, str(OUTPUTS), str(out), *names, "--batch", str(batch)], check=True, env=env)
     return out
 
@@ -308,7 +309,7 @@ def test_a_cuda_build_with_cudnn_sets_up_and_runs_the_nets_on_the_cpu(tmp_path):
     """Its layers are cuDNN's (convolution with dilation, pooling, ReLU, softmax), which must set up
     without a GPU and hand the CPU pass to Caffe's own code: the same scores and gradients as the
     CPU build. DSN-ResNet-50 has the dilated convolutions and DenseNet the average pooling."""
-    linked = caffe_build.VENV.joinpath("emotiw-caffe").resolve()
+    linked = caffe_build.linked_prefix()
     names = ["sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat", "dsn_resnet50"]
     ours = outputs(linked, names, 2, tmp_path)
     for build in cudnn_builds():
@@ -333,7 +334,7 @@ ONEDNN_TOLERANCE = 5e-4
 
 
 def dnnl_build():
-    linked = caffe_build.VENV.joinpath("emotiw-caffe").resolve()
+    linked = caffe_build.linked_prefix()
     if "-DUSE_DNNL=ON" not in json.loads((linked / "emotiw-build.json").read_text())["cmake_flags"]:
         pytest.skip("the linked Caffe build has no oneDNN engine (a CUDA build)")
     return linked
@@ -367,12 +368,7 @@ def test_onednn_forward_agrees_with_caffes_own_on_the_nets(tmp_path):
     DenseNet's backward pass amplifies float32 rounding, as between MKL and OpenBLAS."""
     prefix = dnnl_build()
     names = [*QUICK_NETS, "dsn_resnet50"]
-    folders = {}
-    for switch in ("1", "0"):
-        out = tmp_path / switch
-        env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "CAFFE_DNNL": switch}
-        subprocess.run([sys.executable, str(OUTPUTS), str(out), *names, "--batch", "2"], check=True, env=env)
-        folders[switch] = out
+    folders = {switch: outputs(prefix, names, 2, tmp_path, CAFFE_DNNL=switch) for switch in ("1", "0")}
     for name in names:
         (_, ours), (_, theirs) = load(folders["1"], name), load(folders["0"], name)
         errors = {key: relative_error(ours[key], theirs[key]) for key in ours if key.startswith("forward/")}

@@ -370,7 +370,7 @@ def cuda_flags():
     flags = [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}", f"-DCUDA_TOOLKIT_ROOT_DIR_INTERNAL={toolkit}",
              *cuda_library_flags(toolkit)]
     if use_cudnn():
-        flags += cudnn_flags(toolkit)[0]
+        flags += cudnn_flags(toolkit)
     return flags
 
 
@@ -424,7 +424,7 @@ def use_cudnn():
 
 def cudnn_flags(toolkit):
     """CMake flags for cuDNN: the toolkit's or the system's where it has cudnn_version.h and
-    libcudnn.so, else the pinned wheel's; the second value is its version, for emotiw-build.json."""
+    libcudnn.so, else the pinned wheel's."""
     for include, library in ((toolkit / "include", toolkit / "lib64" / "libcudnn.so"),
                              (Path("/usr/include"), Path(system_library("cudnn") or "/nonexistent"))):
         if (include / "cudnn_version.h").exists() and library.exists():
@@ -441,7 +441,7 @@ def cudnn_flags(toolkit):
         if not (include / "cudnn_version.h").exists() or not library.exists():
             raise InstallError(f"the {pin} wheel installed no {header} or {library.name}; delete {root} and run "
                                "make install again")
-    return [f"-DCUDNN_INCLUDE={include}", f"-DCUDNN_LIBRARY={library}"], cudnn_version(include)
+    return [f"-DCUDNN_INCLUDE={include}", f"-DCUDNN_LIBRARY={library}"]
 
 
 def cudnn_version(include):
