@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from emotiw.caffe.env import (CAFFE_TOOLS, caffe_openblas_path, find_tool, linked_libraries, mkl_runtime,
-                              mkl_version, openblas_core, tune_openblas)
+                              mkl_version, openblas_core, share_openmp_threads, tune_openblas)
 
 FIX_INSTALL = "run `make install` in the emotiw checkout"
 
@@ -29,7 +29,8 @@ def collect():
         facts.append(("numpy", numpy.__version__))
     except ImportError:
         problems.append(f"numpy is not importable: {FIX_INSTALL}")
-    blas_kernels = tune_openblas()  # before Caffe loads OpenBLAS, as import_caffe does
+    share_openmp_threads()  # before Caffe loads its BLAS, as import_caffe does
+    blas_kernels = tune_openblas()
     try:
         import caffe
     except Exception as error:  # a broken build raises ImportError or an ABI error

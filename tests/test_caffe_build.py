@@ -234,15 +234,20 @@ def test_mkl_is_the_default_for_cpu_builds_on_intel_and_openblas_elsewhere(monke
 
 
 def test_caffe_unit_tests_of_the_patched_layers_pass():
-    """Caffe's own gtest suites (convolution, im2col and pooling, with their gradient checks) against the
-    linked build: compiled once per build (about a minute), then only run (about 10 s)."""
+    """Caffe's own gtest suites of the layers our patches change (convolution, im2col, pooling and the
+    layers 0008 threads, with their gradient checks; every threaded loop on two threads) against the
+    linked build: compiled once per build (about a minute), then only run (about 15 s)."""
     result = subprocess.run([sys.executable, str(REPO / "tools" / "caffe_build.py"), "unit-tests"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[  PASSED  ]" in result.stdout and "FAILED" not in result.stdout
     for suite in ("ConvolutionLayerTest/0.TestGradient", "ConvolutionLayerTest/1.TestNDAgainst2D",
                   "Im2colLayerTest/0.TestDilatedGradient", "PoolingLayerTest/0.TestForwardMaxTopMask",
-                  "PoolingLayerTest/1.TestGradientMax", "PoolingLayerTest/0.TestGradientMaxTopMask"):
+                  "PoolingLayerTest/1.TestGradientMax", "PoolingLayerTest/0.TestGradientMaxTopMask",
+                  "PoolingLayerTest/0.TestGradientAve", "NeuronLayerTest/0.TestReLUGradient",
+                  "PowerLayerTest/1.TestPowerGradient", "ScaleLayerTest/0.TestForwardEltwise",
+                  "ConcatLayerTest/0.TestGradientChannels", "EltwiseLayerTest/0.TestMaxGradient",
+                  "CPUMathFunctionsTest/0.TestCopy", "BatchNormLayerTest/1.TestGradient"):
         assert f"[       OK ] {suite} " in result.stdout
     if "0004-batched-cpu-convolution.patch" in caffe_build.linked_prefix().joinpath("emotiw-build.json").read_text():
         assert "[       OK ] ConvolutionLayerTest/1.TestChunksMatchSingleImages" in result.stdout

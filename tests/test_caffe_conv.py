@@ -262,8 +262,8 @@ def load(folder, name):
 
 
 def check_agreement(names, batch, tmp_path):
-    for patched, unpatched, flags in build_pairs():
-        ours, theirs = outputs(patched, names, batch, tmp_path), outputs(unpatched, names, batch, tmp_path)
+    for patched, unpatched, flags in build_pairs():  # Caffe's own convolutions, which 0004 and 0005 change
+        ours, theirs = (outputs(prefix, names, batch, tmp_path, CAFFE_DNNL="0") for prefix in (patched, unpatched))
         for name in names:
             (our_caffe, our_blobs), (their_caffe, their_blobs) = load(ours, name), load(theirs, name)
             for folder in (ours, theirs):  # every blob of a ResNet-50 head: up to 1.5 GB a net
@@ -311,7 +311,7 @@ def test_a_cuda_build_with_cudnn_sets_up_and_runs_the_nets_on_the_cpu(tmp_path):
     CPU build. DSN-ResNet-50 has the dilated convolutions and DenseNet the average pooling."""
     linked = caffe_build.linked_prefix()
     names = ["sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat", "dsn_resnet50"]
-    ours = outputs(linked, names, 2, tmp_path)
+    ours = outputs(linked, names, 2, tmp_path, CAFFE_DNNL="0")  # Caffe's own convolutions, as the CUDA build's
     for build in cudnn_builds():
         theirs = outputs(build, names, 2, tmp_path)
         for name in names:
@@ -340,25 +340,28 @@ def dnnl_build():
     return linked
 
 
-def test_convolutions_run_forward_on_onednn_where_caffe_dnnl_is_1(tmp_path):
-    """oneDNN's verbose log names the convolutions it ran: those of engine DEFAULT with CAFFE_DNNL=1,
-    not `engine: CAFFE` ones, and none without CAFFE_DNNL=1."""
+def test_convolutions_run_forward_on_onednn_as_caffe_dnnl_says(tmp_path):
+    """oneDNN's verbose log names the convolutions it ran: those of engine DEFAULT, never `engine:
+    CAFFE` ones; by default for batches of 2 and more only, with CAFFE_DNNL=1 for one image too, and
+    none with CAFFE_DNNL=0."""
     prefix = dnnl_build()
-    net = tmp_path / "net.prototxt"
-    net.write_text('input: "data" input_shape { dim: 2 dim: 3 dim: 12 dim: 12 }\n'
-                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
-                   ' num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }\n'
-                   'layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {'
-                   ' num_output: 4 kernel_size: 3 engine: CAFFE weight_filler { type: "gaussian" } } }\n')
-    code = f"import caffe; caffe.Net({str(net)!r}, caffe.TEST).forward()"
     runs = {}
-    for switch in ("1", "0", ""):
-        env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1",
-               "CAFFE_DNNL": switch, "GLOG_minloglevel": "2"}
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        runs[switch] = [line for line in done.stdout.splitlines()
-                        if line.startswith("onednn_verbose,exec,cpu,convolution")]
-    assert len(runs["1"]) == 1 and runs["0"] == runs[""] == []  # layer b asked for Caffe's own
+    for batch in (1, 2):
+        net = tmp_path / f"net{batch}.prototxt"
+        net.write_text(f'input: "data" input_shape {{ dim: {batch} dim: 3 dim: 12 dim: 12 }}\n'
+                       'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
+                       ' num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }\n'
+                       'layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {'
+                       ' num_output: 4 kernel_size: 3 engine: CAFFE weight_filler { type: "gaussian" } } }\n')
+        code = f"import caffe; caffe.Net({str(net)!r}, caffe.TEST).forward()"
+        for switch in ("1", "0", None):
+            env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin",
+                   "ONEDNN_VERBOSE": "1", "GLOG_minloglevel": "2", **({"CAFFE_DNNL": switch} if switch else {})}
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            runs[batch, switch] = len([line for line in done.stdout.splitlines()
+                                       if line.startswith("onednn_verbose,exec,cpu,convolution")])
+    # layer b asked for Caffe's own
+    assert runs == {(1, "1"): 1, (1, "0"): 0, (1, None): 0, (2, "1"): 1, (2, "0"): 0, (2, None): 1}
 
 
 def test_onednn_forward_agrees_with_caffes_own_on_the_nets(tmp_path):

@@ -14,7 +14,8 @@ CAFFE_CUDNN=1|0 (a CUDA build's layers on cuDNN 9, the default, from its pinned 
 system has none; or Caffe's own kernels), CAFFE_CUDA_ARCH (one GPU architecture, e.g. 90, instead of
 SASS for 80 and 90 and PTX for newer), CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. CPU builds have the oneDNN
 engine for convolutions' forward pass (Debian's oneDNN 2.6; caffe_patches/0007), which CAFFE_DNNL=1
-picks at run time. Commands: `install` (build or reuse, then link into the venv),
+picks at run time, and run the loops of Caffe's other CPU layers on OpenMP's threads (0008), the
+threads of OpenBLAS's OpenMP build and of oneDNN too. Commands: `install` (build or reuse, then link into the venv),
 `build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
 the layers our patches change, built once per build and run against it).
 """
@@ -48,9 +49,14 @@ APT_PACKAGES = [
     "libprotobuf-dev", "protobuf-compiler", "libgoogle-glog-dev", "libgflags-dev",
     "libhdf5-dev", "libleveldb-dev", "liblmdb-dev", "libsnappy-dev",
     "libopenblas-dev", "libopencv-dev", "ffmpeg",
+    "libopenblas0-openmp",  # CPU builds: OpenBLAS on the OpenMP threads of Caffe's layers (caffe_patches/0008)
     "libdnnl-dev",  # oneDNN 2.6 (OpenMP), CPU convolutions' forward pass (caffe_patches/0007)
     "espeak-ng",  # real speech for the audio tests and the demo
 ]
+
+# Debian's OpenMP build of OpenBLAS (libopenblas0-openmp), linked by path: libcaffe's RUNPATH then
+# finds it ahead of the pthread build the system's alternative points to.
+OPENMP_OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-openmp/libopenblas.so.0"
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run by the system Python before the venv exists
@@ -85,14 +91,18 @@ CUDNN_WHEEL = ("nvidia-cudnn-cu13==9.28.1.4",
                "nvidia/cudnn/include/cudnn_version.h", "nvidia/cudnn/lib/libcudnn.so.9")
 # Caffe's gtest suites for the layers and helpers caffe_patches/ changes (0004: convolution, im2col;
 # 0005: im2col, col2im, max pooling).
-UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp", "test_pooling_layer.cpp"]
-# and, in CUDA builds, those of the other layers 0006 ports to cuDNN 9 (deconvolution, softmax, LRN,
-# ReLU / sigmoid / tanh in the neuron suite)
-CUDNN_TEST_SOURCES = ["test_deconvolution_layer.cpp", "test_softmax_layer.cpp", "test_lrn_layer.cpp",
-                      "test_neuron_layer.cpp"]
+UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp", "test_pooling_layer.cpp",
+                     # the loops 0008 runs on OpenMP's threads (ReLU and Power in the neuron suites)
+                     "test_neuron_layer.cpp", "test_power_layer.cpp", "test_scale_layer.cpp",
+                     "test_concat_layer.cpp", "test_eltwise_layer.cpp", "test_math_functions.cpp",
+                     "test_batch_norm_layer.cpp"]
+# and, in CUDA builds, those of the other layers 0006 ports to cuDNN 9 (deconvolution, softmax, LRN;
+# ReLU / sigmoid / tanh are in the neuron suite above)
+CUDNN_TEST_SOURCES = ["test_deconvolution_layer.cpp", "test_softmax_layer.cpp", "test_lrn_layer.cpp"]
 # Our patches that make Caffe's CPU code faster without changing what it computes: the bench and the
 # tests compare builds with and without them.
-SPEED_PATCHES = ("0004-batched-cpu-convolution.patch", "0005-cpu-im2col-rows-and-max-pooling.patch")
+SPEED_PATCHES = ("0004-batched-cpu-convolution.patch", "0005-cpu-im2col-rows-and-max-pooling.patch",
+                 "0008-cpu-layers-openmp.patch")
 
 
 class InstallError(Exception):
@@ -479,7 +489,12 @@ def cmake_flags(info, gpu, mkl_root=None, cuda=()):
         flags += ["-DCPU_ONLY=OFF", "-DCUDA_ARCH_NAME=Manual",
                   f"-DCUDA_ARCH_BIN={arch_bin}", f"-DCUDA_ARCH_PTX={arch_ptx}", *cuda]
     else:
-        flags += ["-DCPU_ONLY=ON", "-DUSE_DNNL=ON"]  # the oneDNN engine, chosen at run time (CAFFE_DNNL=1)
+        # the oneDNN engine, chosen at run time (CAFFE_DNNL=1), and Caffe's CPU layers on OpenMP (0008)
+        flags += ["-DCPU_ONLY=ON", "-DUSE_DNNL=ON", "-DUSE_OPENMP=ON"]
+        if mkl_root is None:
+            # Debian's OpenMP build of OpenBLAS: its threads are the layers' and oneDNN's (one pool);
+            # beside the default pthread build both pools spun on the same cores (bench/NOTES.md, 0008)
+            flags.append(f"-DOpenBLAS_LIB={OPENMP_OPENBLAS}")
     return flags
 
 
@@ -673,12 +688,13 @@ def unit_tests_binary(prefix):
 
 def unit_tests(prefix):
     """Runs the unit tests of the build at prefix (CPU builds: the CPU cases, as Caffe's runtest
-    does); returns gtest's exit status."""
+    does); returns gtest's exit status. Every CPU loop 0008 threads runs on two OpenMP threads
+    (CAFFE_CPU_PARALLEL_MIN=1), however small the suites' blobs, unless the environment says otherwise."""
     binary = unit_tests_binary(prefix)
     gpu = json.loads((prefix / "emotiw-build.json").read_text())["gpu"]
     command = [str(binary)] + ([] if gpu else ["--gtest_filter=-*GPU*"])
     log(f"running {' '.join(command)}")
-    env = dict(os.environ, GLOG_minloglevel=os.environ.get("GLOG_minloglevel", "2"))
+    env = {"GLOG_minloglevel": "2", "CAFFE_CPU_PARALLEL_MIN": "1", "OMP_NUM_THREADS": "2", **os.environ}
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run(command, cwd=cwd, env=env).returncode
 

@@ -9,6 +9,11 @@ kernels, which ran Caffe's GEMM at 30 GFLOP/s where the AVX-512 ones reach 200 o
 loaded, so it goes into os.environ before pycaffe is imported or a tool is started (the tools
 inherit it). A value the user set is never changed. A build with MKL (the default on Intel CPUs)
 needs none of this: MKL picks its kernels from the CPU's instruction set.
+
+CPU builds run Caffe's layer loops and oneDNN on GNU OpenMP's threads (caffe_patches/0008), and link
+OpenBLAS's OpenMP build, so that one pool of threads serves them all. MKL would bring Intel's OpenMP
+runtime as a second pool spinning on the same cores: MKL_THREADING_LAYER=GNU (unless the user set it)
+makes MKL use GNU OpenMP's.
 """
 
 import ctypes
@@ -124,6 +129,10 @@ def openblas_core(library):
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
+def share_openmp_threads():
+    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+
+
 def tune_openblas():
     """Sets OPENBLAS_CORETYPE when Caffe's OpenBLAS would run its generic kernels on a CPU with
     AVX2 or AVX-512; returns the value in effect (None: OpenBLAS chooses). Asks once per process tree."""
@@ -174,6 +183,7 @@ class CaffeBLAS:
 def import_caffe():
     # Caffe logs every layer at INFO through glog; users ask for it with GLOG_minloglevel=0.
     os.environ.setdefault("GLOG_minloglevel", "2")
+    share_openmp_threads()
     tune_openblas()
     try:
         import caffe
@@ -196,6 +206,7 @@ def caffe_tool(name):
     path = find_tool(name)
     if path is None:
         raise UserError(f"Caffe's `{name}` tool is not installed; run `make install` in the emotiw checkout")
+    share_openmp_threads()
     tune_openblas()
     return path
 

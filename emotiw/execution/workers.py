@@ -15,17 +15,25 @@ _worker_progress = None  # in a pool worker: sends counts to the main process's 
 
 
 def limit_threads(threads, keep_set=True):
-    """This process's share of the cores: N processes each running OpenCV's, the BLAS's and oneDNN's
+    """This process's share of the cores: N processes each running OpenCV's, the BLAS's and OpenMP's
     all-core pools oversubscribe the machine (bench/NOTES.md). OpenBLAS, MKL and OpenMP read their
     variables when Caffe loads them, so this comes before the first net; `keep_set`: a value the user
-    set is kept."""
+    set is kept. OpenMP's threads are Caffe's layer loops', oneDNN's and (OpenBLAS's OpenMP build, MKL's
+    GNU layer) the BLAS's own (caffe_patches/0008), so a BLAS thread count the user set is OpenMP's too,
+    unless OMP_NUM_THREADS is set as well."""
     import cv2
 
-    for variable in (*BLAS_THREADS_VARIABLES.values(), "OMP_NUM_THREADS"):  # OpenMP: oneDNN's (caffe_patches/0007)
+    for variable in BLAS_THREADS_VARIABLES.values():
         if keep_set:
             os.environ.setdefault(variable, str(threads))
         else:
             os.environ[variable] = str(threads)
+    user_blas = next((os.environ[variable] for variable in BLAS_THREADS_VARIABLES.values()
+                      if keep_set and os.environ[variable] != str(threads)), str(threads))
+    if keep_set:
+        os.environ.setdefault("OMP_NUM_THREADS", user_blas)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     cv2.setNumThreads(threads)
 
 
