@@ -7,6 +7,10 @@ as `make bench` measured it on the CPU (bench/NOTES.md).
 
 pycaffe runs the net with BatchNorm and Scale folded into the convolution before them
 (emotiw.caffe.fold), in memory: the files are left as they are. OpenCV fuses those layers itself.
+
+Precision `bf16` (pycaffe on a CPU build, CPUs with AVX512-BF16 or AMX): the convolutions take their
+inputs and weights in bf16 on oneDNN and accumulate in fp32 (caffe_patches/0007); the other layers
+stay fp32.
 """
 
 import contextlib
@@ -14,13 +18,15 @@ import os
 
 import numpy as np
 
-from emotiw.caffe.env import import_caffe
+from emotiw.caffe.env import caffe_build_info, cpu_flags, import_caffe
 from emotiw.caffe.fold import find_chains, fold_net, fold_params
 from emotiw.caffe.proto import deploy_input, read_net_param
 from emotiw.errors import UserError
 from emotiw.formats.files import file_identity
 
 BACKENDS = ("auto", "pycaffe", "opencv")
+PRECISIONS = ("fp32", "bf16")
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names of the instructions oneDNN's bf16 kernels use
 
 
 def check_backend(backend):
@@ -29,20 +35,56 @@ def check_backend(backend):
     return backend
 
 
+def check_precision(precision, backend="auto"):
+    """One line for a precision this machine, build or backend cannot run."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return precision
+    if backend == "opencv":
+        raise UserError("--precision bf16 runs on pycaffe's oneDNN engine; use --backend pycaffe or auto")
+    if not BF16_FLAGS & cpu_flags():
+        raise UserError("--precision bf16 needs a CPU with AVX512-BF16 or AMX (this one has neither); "
+                        "use --precision fp32")
+    build = caffe_build_info()
+    if build is not None and "-DUSE_DNNL=ON" not in build["cmake_flags"]:
+        raise UserError("--precision bf16 needs a CPU build of Caffe (its oneDNN engine); this one is a CUDA "
+                        "build: use --precision fp32")
+    if os.environ.get("CAFFE_DNNL") == "0":
+        raise UserError("--precision bf16 needs the oneDNN engine, which CAFFE_DNNL=0 turns off; unset it")
+    return precision
+
+
+@contextlib.contextmanager
+def caffe_precision(precision):
+    """Within this block Caffe creates its convolutions in `precision` (read when a layer is made)."""
+    previous = os.environ.get("CAFFE_DNNL_PRECISION")
+    os.environ["CAFFE_DNNL_PRECISION"] = precision
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CAFFE_DNNL_PRECISION"]
+        else:
+            os.environ["CAFFE_DNNL_PRECISION"] = previous
+
+
 class PycaffeNet:
     """fold: BatchNorm and Scale folded into the layer before them (`chains` lists those folded);
-    keep: blobs the folding must not take away (a blob between a convolution and its BatchNorm)."""
+    keep: blobs the folding must not take away (a blob between a convolution and its BatchNorm);
+    precision: fp32 or bf16 (check_precision)."""
 
-    def __init__(self, deploy, weights, fold=True, keep=()):
+    def __init__(self, deploy, weights, fold=True, keep=(), precision="fp32"):
         caffe = import_caffe()
         caffe.set_mode_cpu()
-        self.net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
-        self.chains = []
-        if fold:
-            param = read_net_param(deploy)
-            self.chains = find_chains(param, keep)
-            if self.chains:
-                self.net = folded_twin(caffe, self.net, param, self.chains)
+        with caffe_precision(precision):
+            self.net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
+            self.chains = []
+            if fold:
+                param = read_net_param(deploy)
+                self.chains = find_chains(param, keep)
+                if self.chains:
+                    self.net = folded_twin(caffe, self.net, param, self.chains)
         self.input = self.net.inputs[0]
         self.input_shape = tuple(self.net.blobs[self.input].data.shape[1:])
         self.blob_names = list(self.net.blobs)
@@ -100,7 +142,7 @@ class OpenCVNet:
         return {name: np.asarray(out).copy() for name, out in zip(blobs, outputs)}
 
 
-_loaded = None  # within reusing_nets(): (files, backend, preferred, fold, keep) -> (net, backend name)
+_loaded = None  # within reusing_nets(): (files, backend, preferred, fold, keep, precision) -> (net, backend)
 
 
 @contextlib.contextmanager
@@ -115,22 +157,24 @@ def reusing_nets():
         _loaded = outer
 
 
-def load_net(deploy, weights, backend="auto", preferred="pycaffe", fold=True, keep=()):
+def load_net(deploy, weights, backend="auto", preferred="pycaffe", fold=True, keep=(), precision="fp32"):
     """(net, backend name) for a deploy prototxt and its weights. `auto` takes `preferred`, the
-    faster backend for this net, and falls back to pycaffe when OpenCV cannot load the net.
-    fold and keep: PycaffeNet's (OpenCV folds on its own)."""
+    faster backend for this net, and falls back to pycaffe when OpenCV cannot load the net; with
+    precision bf16 it takes pycaffe. fold, keep and precision: PycaffeNet's (OpenCV folds on its own)."""
     check_backend(backend)
+    check_precision(precision, backend)
     if _loaded is None:
-        return _load_net(deploy, weights, backend, preferred, fold, keep)
-    key = (tuple(file_identity(deploy)), tuple(file_identity(weights)), backend, preferred, fold, tuple(keep))
+        return _load_net(deploy, weights, backend, preferred, fold, keep, precision)
+    key = (tuple(file_identity(deploy)), tuple(file_identity(weights)), backend, preferred, fold, tuple(keep),
+           precision)
     if key not in _loaded:
-        _loaded[key] = _load_net(deploy, weights, backend, preferred, fold, keep)
+        _loaded[key] = _load_net(deploy, weights, backend, preferred, fold, keep, precision)
     return _loaded[key]
 
 
-def _load_net(deploy, weights, backend, preferred, fold, keep):
+def _load_net(deploy, weights, backend, preferred, fold, keep, precision):
     if backend == "auto":
-        if preferred == "opencv":
+        if preferred == "opencv" and precision == "fp32":
             try:
                 return OpenCVNet(deploy, weights), "opencv"
             except UserError:
@@ -138,4 +182,4 @@ def _load_net(deploy, weights, backend, preferred, fold, keep):
         backend = "pycaffe"
     if backend == "opencv":
         return OpenCVNet(deploy, weights), backend
-    return PycaffeNet(deploy, weights, fold, keep), backend
+    return PycaffeNet(deploy, weights, fold, keep, precision), backend

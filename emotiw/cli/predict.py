@@ -7,6 +7,7 @@ from emotiw.cli.options import (
     add_max_pixels,
     add_mean_file,
     add_min_face,
+    add_precision,
     add_recipe,
     add_sampling,
 )
@@ -25,6 +26,7 @@ def register(subparsers):
     add_recipe(parser, "how face crops are made: dsn, sse or fer2013 (default: the net's recipe)", "--mode")
     add_mean_file(parser)
     add_backend(parser)
+    add_precision(parser)
     add_detect(parser)
     add_sampling(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo videos finished by an earlier run")
@@ -39,7 +41,7 @@ def run(args):
     result = predict(args.videos, args.out, net=args.net, weights=args.weights, recipe=args.recipe,
                      backend=args.backend, detect=args.detect, fps=args.fps, every=args.every,
                      overwrite=args.overwrite, annotate=not args.no_video, mean_file=args.mean_file,
-                     align=args.align, min_face=args.min_face)
+                     align=args.align, min_face=args.min_face, precision=args.precision)
     for video in result.videos:
         if video.folder is not None:
             state = "already done" if video.skipped else "done"

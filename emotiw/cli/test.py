@@ -8,6 +8,7 @@ from emotiw.cli.options import (
     add_fold,
     add_mean_file,
     add_net,
+    add_precision,
     add_ray,
     add_recipe,
     add_weights,
@@ -27,6 +28,7 @@ def register(subparsers):
     parser.add_argument("--videos", required=True, type=Path, metavar="LIST", help="video list")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
     add_backend(parser)
+    add_precision(parser)
     parser.add_argument("--batch", type=int, default=16, help="frames per forward pass (default 16)")
     parser.add_argument("--agg", choices=AGGREGATIONS, default="mean",
                         help="per-clip aggregation of frame scores (DSN used sum; default mean)")
@@ -49,6 +51,6 @@ def run(args):
     result = test(args.net, args.weights, args.videos, args.out, backend=args.backend, batch=args.batch,
                   agg=args.agg, blobs=[b for b in args.blobs.split(",") if b], recipe=args.recipe,
                   mean_file=args.mean_file, prior_list=args.prior_list, allow_partial=args.allow_partial,
-                  fold=args.fold, ray=args.ray)
+                  fold=args.fold, ray=args.ray, precision=args.precision)
     print(f"{metrics_line(result.metrics)}; outputs in {args.out}")
     return 0

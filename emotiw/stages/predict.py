@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from emotiw import EMOTIONS
-from emotiw.caffe.runtime import reusing_nets
+from emotiw.caffe.runtime import check_precision, reusing_nets
 from emotiw.errors import UserError
 from emotiw.formats.files import (
     atomic_open,
@@ -107,7 +107,8 @@ class PredictResult:
 
 
 def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", detect="tracked", fps=None,
-            every=None, overwrite=False, annotate=True, mean_file=None, align=None, min_face=None) -> PredictResult:
+            every=None, overwrite=False, annotate=True, mean_file=None, align=None, min_face=None,
+            precision="fp32") -> PredictResult:
     """Emotions per frame of each video in `videos` (paths), into `out`/<video name>/.
 
     net / weights: a registered net or deploy prototxt and its caffemodel (default: the embedded
@@ -115,8 +116,8 @@ def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", de
     emotiw.recipes); backend: auto, pycaffe or opencv; detect, fps, every: as for preprocess;
     overwrite: redo finished videos; annotate: also write annotated.mp4; mean_file: the
     mean.binaryproto of the net's data layer (as for test); align: as preprocess's (frontal adds
-    the head pose, yaw, pitch and roll, to frames.csv); min_face: as preprocess's. The nets load
-    once for all the videos.
+    the head pose, yaw, pitch and roll, to frames.csv); min_face: as preprocess's; precision: the
+    emotion net's, as for test (the face detector stays fp32). The nets load once for all the videos.
     A finished video is skipped only when its summary.json records the same video file, net,
     weights and options; otherwise it is done again, with one line saying what changed.
     """
@@ -134,7 +135,7 @@ def predict(videos, out, net=None, weights=None, recipe=None, backend="auto", de
     model = default_model() if net is None else model_for(net, weights, recipe)
     options = {"recipe": model.recipe, "backend": backend, "detect": detect, "fps": fps, "every": every,
                "annotate": annotate, "mean_file": None if mean_file is None else file_identity(mean_file),
-               "align": align, "min_face": min_face}
+               "align": align, "min_face": min_face, "precision": check_precision(precision, backend)}
     made_by = {"net": model.net, "weights_sha256": sha256_of(model.weights), "options": options}
     with output_folder(out, "predict", inputs=videos) as out:
         shutil.rmtree(inside(out, WORK), ignore_errors=True)  # a killed run's
@@ -205,7 +206,8 @@ def _predict_video(video, out, name, model, identity, mean_file):
             raise UserError(_first_problem(faces / "errors.csv") or str(error)) from None
         with quiet():
             scored = test(model.net, model.weights, prep.lists[SPLIT].with_name(f"{SPLIT}_videos.txt"),
-                          work / "scores", backend=options["backend"], mean_file=mean_file)
+                          work / "scores", backend=options["backend"], mean_file=mean_file,
+                          precision=options["precision"])
         rows = _frame_rows(prep, scored.out / "frames.csv")
         (clip,) = prep.summary["coverage_percent"]  # the one clip, named as preprocess names it
         sizes = json.loads((faces / "preprocess.json").read_text())["clips"][clip]

@@ -23,7 +23,7 @@ import numpy as np
 
 from emotiw import EMOTIONS, NO_LABEL
 from emotiw.caffe.proto import read_net_param
-from emotiw.caffe.runtime import check_backend, load_net, reusing_nets
+from emotiw.caffe.runtime import check_backend, check_precision, load_net, reusing_nets
 from emotiw.caffe.transform import choose_transform
 from emotiw.caffe.weights import check_weights
 from emotiw.errors import UserError
@@ -47,10 +47,12 @@ SHOWN_PROBLEMS = 10  # clip folders named on the terminal; metrics.json lists th
 # ------------------------------------------------------------------------------------------
 # Frame scoring with a resumable checkpoint
 
-def run_signature(deploy, weights, backend, blobs, transform, frames, fold):
+def run_signature(deploy, weights, backend, blobs, transform, frames, fold, precision="fp32"):
     """What the frame scores depend on; a checkpoint from another run is not reused."""
     description = [file_identity(deploy), file_identity(weights), backend, list(blobs),
                    transform.describe(), [str(frame) for frame in frames], fold]
+    if precision != "fp32":  # fp32 runs keep the signatures of checkpoints written before bf16 existed
+        description.append(precision)
     return hashlib.sha256(json.dumps(description, default=str).encode()).hexdigest()
 
 
@@ -262,7 +264,7 @@ def write_outputs(out_dir, clips, blobs, scores, readable, clip_scores, faces, m
 
 
 def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=("prob",), recipe=None,
-         mean_file=None, prior_list=None, allow_partial=False, fold=True, ray=None) -> TestResult:
+         mean_file=None, prior_list=None, allow_partial=False, fold=True, ray=None, precision="fp32") -> TestResult:
     """Tests a deploy net on every clip of a video list: per-frame blobs, per-clip scores and metrics.
 
     net: a registered name or a deploy prototxt; weights: its .caffemodel; videos: a video list
@@ -276,7 +278,8 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     filler init (refused by default); fold: pycaffe runs the net with BatchNorm and Scale folded into
     the convolution before them (emotiw.caffe.fold; the files stay as they are); ray: score the clips
     on a Ray cluster (emotiw.execution): True for `ray.init()`, or the head node's HOST:PORT; every
-    node must see the list, its frames and the net at the same paths.
+    node must see the list, its frames and the net at the same paths; precision: fp32, or bf16 for
+    the convolutions on CPUs with AVX512-BF16 or AMX (emotiw.caffe.runtime).
     A rerun resumes from a checkpoint in `out`. Refuses a list none of whose clips has a readable
     face frame; feature vectors are scored by `score_features`.
     """
@@ -284,6 +287,7 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     if batch < 1:
         raise UserError(f"--batch must be at least 1, not {batch}")
     check_backend(backend)
+    check_precision(precision, backend)
     ref = resolve_net(net, "deploy")
     if Path(videos).is_file() and source_type(videos) == "hdf5":
         raise UserError(f"{videos} lists feature vectors, not clip folders; score them with `emotiw score-features "
@@ -298,7 +302,7 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
     prior = class_prior(prior_list) if prior_list else np.full(len(EMOTIONS), 1.0 / len(EMOTIONS))
     check_weights(ref.param_shapes(), weights, str(deploy), allow_partial=allow_partial)
     check_batch_fits(read_net_param(deploy), batch)
-    spec = (deploy, weights, backend, ref.preferred_backend, fold, blobs)
+    spec = (deploy, weights, backend, ref.preferred_backend, fold, blobs, precision)
     out = Path(out)
     with output_folder(out, "test", inputs=[videos]):
         with reusing_nets():  # the tasks run here get back the net loaded now
@@ -309,7 +313,8 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
             transform = choose_transform(chosen, deploy, runner.input_shape, mean_file)
             frames = [frame for clip in clips for frame in clip.frames]
             checkpoint = out / CHECKPOINT_NAME
-            signature = run_signature(deploy, weights, backend, blobs, transform, frames, fold and backend == "pycaffe")
+            signature = run_signature(deploy, weights, backend, blobs, transform, frames, fold and backend == "pycaffe",
+                                      precision)
             with executor:  # connected before the bar starts
                 scores, readable = score_frames(runner, transform, frames, blobs, batch, spec, checkpoint, signature,
                                                 [len(clip.frames) for clip in clips], executor)
@@ -332,7 +337,8 @@ def test(net, weights, videos, out, backend="auto", batch=16, agg="mean", blobs=
                                     if clip_scores[name].shape[1] == len(EMOTIONS) and metrics["accuracy"] is not None}
         metrics.update(report_problems(clips, frames, readable))
         config = {"net": str(deploy), "net_name": ref.name, "weights": str(weights), "videos": str(videos),
-                  "backend": backend, "fold": fold, "batch": batch, "aggregation": agg, "blobs": blobs,
+                  "backend": backend, "precision": precision, "fold": fold, "batch": batch, "aggregation": agg,
+                  "blobs": blobs,
                   "recipe": chosen.name if chosen else NO_RECIPE, "preprocessing": transform.describe(),
                   "fallback": f"class prior of {prior_list}" if prior_list else "uniform",
                   "fallback_scores": prior.tolist()}
