@@ -30,7 +30,7 @@ import numpy as np
 
 from emotiw import nets
 from emotiw.caffe.env import CHECKED as OPENBLAS_CHECKED, CaffeBLAS, caffe_tool, import_caffe
-from emotiw.caffe.runtime import load_net
+from emotiw.caffe.runtime import check_precision, load_net
 from testmedia.scene import astronaut_head, coffee_background, paste
 from emotiw.errors import UserError
 from emotiw.execution import limit_threads
@@ -84,6 +84,7 @@ class Plan:
     threads: int = os.cpu_count() or 1  # for every library on both sides
     quick: bool = False
     baselines: tuple = ()  # other Caffe builds' prefixes, measured beside ours (before a change)
+    precisions: tuple = ("fp32",)  # the inference rows' (bf16: pycaffe against PyTorch's bf16 autocast)
 
 
 QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6,
@@ -522,9 +523,9 @@ def baseline_rates(prefix, plan, deploy, weights, batch, size):
     return answer["rates"], answer["blas"]
 
 
-def runtime_forward(backend, deploy, weights, batch, size, fold=True):
+def runtime_forward(backend, deploy, weights, batch, size, fold=True, precision="fp32"):
     """One forward of the net through emotiw's inference runtime, as `emotiw test` runs it."""
-    net, _ = load_net(deploy, weights, backend, fold=fold)
+    net, _ = load_net(deploy, weights, backend, fold=fold, precision=precision)
     images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     return lambda: net.forward(images, ["prob"])
 
@@ -535,22 +536,24 @@ def bench_inference(plan, results, reference, work, ceiling):
             continue
         net_param, deploy, weights = write_deploy(name, work)
         flops = forward_flops(net_param, nets.shapes(name))
-        for batch in plan.batches:
-            label = f"{name} {size}px, batch {batch}"
+        for batch, precision in ((batch, precision) for precision in plan.precisions for batch in plan.batches):
+            label = f"{name} {size}px, batch {batch}" + ("" if precision == "fp32" else f", {precision}")
             extra = {"gflop_per_image": flops / 1e9}
             rows = {}
             # BatchNorm and Scale folded into the convolutions (the default) and, before that change, not
             runners = [("pycaffe", "pycaffe", True), ("OpenCV DNN", "opencv", True)]
             if any(layer.type == "BatchNorm" for layer in net_param.layer):
                 runners.insert(1, ("pycaffe, BatchNorm not folded", "pycaffe", False))
+            if precision != "fp32":
+                runners = runners[:1]  # pycaffe's oneDNN engine only
             for impl, backend, fold in runners:
-                rates = measure(runtime_forward(backend, deploy, weights, batch, size, fold), batch, plan)
+                rates = measure(runtime_forward(backend, deploy, weights, batch, size, fold, precision), batch, plan)
                 fraction = statistics.median(rates) * flops / 1e9 / ceiling if ceiling else None
                 row = results.add("inference", label, impl, rates, "images/s", **extra,
                                   fraction_of_gemm_ceiling=fraction)
                 if fold:  # the ratios compare what emotiw runs
                     rows[impl] = row
-            for prefix in plan.baselines:
+            for prefix in plan.baselines if precision == "fp32" else ():
                 rates, blas = baseline_rates(prefix, plan, deploy, weights, batch, size)
                 results.add("inference", label, f"pycaffe, {baseline_name(prefix)}", rates, "images/s",
                             **extra, blas=blas)
@@ -559,7 +562,7 @@ def bench_inference(plan, results, reference, work, ceiling):
                 references.append((f"PyTorch torchvision {backbone}", {"torchvision": backbone, "classes": 7}))
             for impl, job in references:
                 ref = reference.run("infer", label=label, batch=batch, size=size, repeats=plan.repeats,
-                                    warmup=plan.warmup, **job)
+                                    warmup=plan.warmup, precision=precision, **job)
                 if ref:
                     ref_row = results.add("inference", label, impl, ref["rates"], "images/s")
                     results.ratio("inference", label, max(rows.values(), key=lambda r: r["median"]), ref_row)
@@ -838,6 +841,9 @@ def register(subparsers):
                              "and training rows; give it again for more builds")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for BLAS, OpenCV, PyTorch and TensorFlow (default: all cores)")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated inference precisions, fp32 (default) and bf16 (pycaffe's oneDNN "
+                             "convolutions against PyTorch's bf16 autocast; CPUs with AVX512-BF16 or AMX)")
     parser.set_defaults(func=run)
 
 
@@ -864,6 +870,9 @@ def plan_from(args):
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     plan.threads = args.threads
+    plan.precisions = tuple(dict.fromkeys(part.strip() for part in args.precision.split(",") if part.strip()))
+    for precision in plan.precisions:
+        check_precision(precision)
     for prefix in args.baseline_caffe:
         if not (Path(prefix) / "emotiw-build.json").is_file():
             raise UserError(f"--baseline-caffe {prefix}: not a Caffe build of tools/caffe_build.py "

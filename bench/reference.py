@@ -14,6 +14,7 @@ Tasks:
 infer and train take "device": "cuda" for the GPU rows (bench/gpu.py).
 """
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -322,7 +323,10 @@ def infer(job):
         model.eval()
         step = lambda: model({"data": x})  # noqa: E731
     model.to(device)
-    with torch.inference_mode():
+    # bf16: what PyTorch users run for it, autocast (bf16 convolutions and matmuls, the rest fp32)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if job.get("precision") == "bf16"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         rates = timed_rates(synchronised(step, device), batch, job["repeats"], job["warmup"])
     return {"rates": rates, "parameters": sum(p.numel() for p in model.parameters()), "peak_mib": peak_mib(device)}
 

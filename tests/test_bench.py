@@ -96,6 +96,7 @@ def test_dummy_train_net_has_the_train_losses_and_no_data_layer():
     (["--nets", "alexnet"], "--nets: unknown alexnet"),
     (["--repeats", "3"], "at least 5 repeats"),
     (["--batches", "one"], "whole numbers"),
+    (["--precision", "fp32,fp16"], "unknown precision 'fp16'"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
     assert run_quick(tmp_path, *args) == 2
