@@ -13,8 +13,8 @@ are present; cuBLAS, cuRAND and NCCL come from pinned PyPI wheels where the tool
 CAFFE_CUDNN=1|0 (a CUDA build's layers on cuDNN 9, the default, from its pinned wheel where the
 system has none; or Caffe's own kernels), CAFFE_CUDA_ARCH (one GPU architecture, e.g. 90, instead of
 SASS for 80 and 90 and PTX for newer), CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. CPU builds have the oneDNN
-engine for convolutions' forward pass (Debian's oneDNN 2.6; caffe_patches/0007), which CAFFE_DNNL=1
-picks at run time, and run the loops of Caffe's other CPU layers on OpenMP's threads (0008), the
+engine for convolutions' forward pass (Debian's oneDNN 2.6; caffe_patches/0007), used for batches of
+2 and more unless CAFFE_DNNL=0 at run time, and run the loops of Caffe's other CPU layers on OpenMP's threads (0008), the
 threads of OpenBLAS's OpenMP build and of oneDNN too. Commands: `install` (build or reuse, then link into the venv),
 `build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
 the layers our patches change, built once per build and run against it).
@@ -489,7 +489,7 @@ def cmake_flags(info, gpu, mkl_root=None, cuda=()):
         flags += ["-DCPU_ONLY=OFF", "-DCUDA_ARCH_NAME=Manual",
                   f"-DCUDA_ARCH_BIN={arch_bin}", f"-DCUDA_ARCH_PTX={arch_ptx}", *cuda]
     else:
-        # the oneDNN engine, chosen at run time (CAFFE_DNNL=1), and Caffe's CPU layers on OpenMP (0008)
+        # the oneDNN engine (CAFFE_DNNL at run time), and Caffe's CPU layers on OpenMP (0008)
         flags += ["-DCPU_ONLY=ON", "-DUSE_DNNL=ON", "-DUSE_OPENMP=ON"]
         if mkl_root is None:
             # Debian's OpenMP build of OpenBLAS: its threads are the layers' and oneDNN's (one pool);

@@ -23,17 +23,16 @@ def limit_threads(threads, keep_set=True):
     unless OMP_NUM_THREADS is set as well."""
     import cv2
 
-    for variable in BLAS_THREADS_VARIABLES.values():
+    values = {variable: str(threads) for variable in (*BLAS_THREADS_VARIABLES.values(), "OMP_NUM_THREADS")}
+    user_blas = next((os.environ[variable] for variable in BLAS_THREADS_VARIABLES.values() if variable in os.environ),
+                     None)
+    if keep_set and user_blas:
+        values["OMP_NUM_THREADS"] = user_blas
+    for variable, value in values.items():
         if keep_set:
-            os.environ.setdefault(variable, str(threads))
+            os.environ.setdefault(variable, value)
         else:
-            os.environ[variable] = str(threads)
-    user_blas = next((os.environ[variable] for variable in BLAS_THREADS_VARIABLES.values()
-                      if keep_set and os.environ[variable] != str(threads)), str(threads))
-    if keep_set:
-        os.environ.setdefault("OMP_NUM_THREADS", user_blas)
-    else:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+            os.environ[variable] = value
     cv2.setNumThreads(threads)
 
 
