@@ -1,11 +1,14 @@
-"""One pycaffe inference figure measured with another Caffe build (`bench --baseline-caffe PREFIX`).
+"""One pycaffe inference figure measured in a process of its own: with another Caffe build (`bench
+--baseline-caffe PREFIX`), or with ours under other settings (the memory rows: CAFFE_DNNL).
 
-Run by bench.bench with PYTHONPATH=PREFIX/lib/python3/dist-packages ahead of the venv's own pycaffe,
-so that `import caffe` loads that build (its libcaffe comes from PREFIX by rpath); prints
-{"caffe": pycaffe's path, "blas": its BLAS and kernels, "rates": [...]}. The thread settings come from the environment.
+Run by bench.bench, for a baseline with PYTHONPATH=PREFIX/lib/python3/dist-packages ahead of the
+venv's own pycaffe, so that `import caffe` loads that build (its libcaffe comes from PREFIX by rpath); prints
+{"caffe": pycaffe's path, "blas": its BLAS and kernels, "rates": [...], "peak_rss_mb": the process's
+peak resident memory}. The thread settings come from the environment.
 """
 
 import json
+import resource
 import sys
 
 from bench.bench import Plan, measure, runtime_forward
@@ -19,8 +22,9 @@ def main():
     import caffe
 
     blas = CaffeBLAS()
-    print(json.dumps({"caffe": caffe.__file__, "blas": f"{blas.config} ({blas.core})",
-                      "rates": measure(step, job["batch"], plan)}))
+    rates = measure(step, job["batch"], plan)
+    print(json.dumps({"caffe": caffe.__file__, "blas": f"{blas.config} ({blas.core})", "rates": rates,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ INFERENCE_NETS = (
     ("dsn_resnet50", 224, "resnet50"),
     ("vgg_face", 224, "vgg16"),
 )
-TRAIN_NET = "sse_holonet_3conv-s_concat"
+# `caffe train` against PyTorch on the same net and losses (issue 26: HoloNet and DenseNet at batch 32)
+TRAIN_NETS = ("sse_holonet_3conv-s_concat", "sse_densenet121_3conv-s_concat")
+FEATURE_NET = "sse_holonet_3conv-s_concat"  # the feature export rows' net
 DETECTOR = {"min_face_size": 20, "thresholds": [0.6, 0.7, 0.7], "scale_factor": 0.709}
 
 
@@ -78,6 +80,7 @@ class Plan:
     batches: tuple = (1, 32)
     nets: tuple = tuple(name for name, _, _ in INFERENCE_NETS)
     train_batch: int = 32
+    train_nets: tuple = TRAIN_NETS
     feature_images: int = 256
     fusion: tuple = (5, 383, 0.05)  # models, clips, step
     rows: tuple = ROWS
@@ -88,7 +91,7 @@ class Plan:
 
 
 QUICK = dict(quick=True, gemm_size=1024, detect_frames=3, preprocess_clips=2, preprocess_frames=6,
-             footage_size=(480, 352), batches=(1,),
+             footage_size=(480, 352), batches=(1,), train_nets=TRAIN_NETS[:1],
              feature_images=64)
 
 
@@ -509,15 +512,21 @@ def baseline_env(prefix):
     return env
 
 
-def baseline_rates(prefix, plan, deploy, weights, batch, size):
-    """(pycaffe images/s, its BLAS) of a baseline build (bench/baseline.py in a process of its own)."""
+def run_apart(env, plan, deploy, weights, batch, size):
+    """bench/baseline.py's answer for the net, run by pycaffe in a process of its own with env:
+    {"caffe": pycaffe's path, "blas", "rates": images/s, "peak_rss_mb"}."""
     job = {"deploy": str(deploy), "weights": str(weights), "batch": batch, "size": size, "fold": True,
            "repeats": plan.repeats, "warmup": plan.warmup}
-    done = subprocess.run([sys.executable, "-m", "bench.baseline", json.dumps(job)], env=baseline_env(prefix),
+    done = subprocess.run([sys.executable, "-m", "bench.baseline", json.dumps(job)], env=env,
                           cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
-        raise UserError(f"the baseline Caffe at {prefix} failed: {done.stderr.strip().splitlines()[-1:]}")
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+        raise UserError(f"pycaffe failed in a process of its own: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def baseline_rates(prefix, plan, deploy, weights, batch, size):
+    """(pycaffe images/s, its BLAS) of a baseline build."""
+    answer = run_apart(baseline_env(prefix), plan, deploy, weights, batch, size)
     if not Path(answer["caffe"]).resolve().is_relative_to(Path(prefix).resolve()):
         raise UserError(f"--baseline-caffe {prefix}: the baseline ran {answer['caffe']} instead")
     return answer["rates"], answer["blas"]
@@ -528,6 +537,16 @@ def runtime_forward(backend, deploy, weights, batch, size, fold=True, precision=
     net, _ = load_net(deploy, weights, backend, fold=fold, precision=precision)
     images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     return lambda: net.forward(images, ["prob"])
+
+
+def bench_memory(plan, results, label, deploy, weights, batch, size):
+    """Peak resident memory of a process that loads the net and runs it (one timed pass), with
+    oneDNN's convolutions (the default) and with Caffe's own (CAFFE_DNNL=0): issue 26 asks for no more
+    than the latter."""
+    once = Plan(repeats=1, warmup=1)
+    for impl, switch in (("pycaffe, oneDNN convolutions", "1"), ("pycaffe, CAFFE_DNNL=0", "0")):
+        answer = run_apart(dict(os.environ, CAFFE_DNNL=switch), once, deploy, weights, batch, size)
+        results.add("memory", label, impl, [answer["peak_rss_mb"]], "MB")
 
 
 def bench_inference(plan, results, reference, work, ceiling):
@@ -553,6 +572,8 @@ def bench_inference(plan, results, reference, work, ceiling):
                                   fraction_of_gemm_ceiling=fraction)
                 if fold:  # the ratios compare what emotiw runs
                     rows[impl] = row
+            if batch == max(plan.batches) and precision == "fp32":
+                bench_memory(plan, results, label, deploy, weights, batch, size)
             for prefix in plan.baselines if precision == "fp32" else ():
                 rates, blas = baseline_rates(prefix, plan, deploy, weights, batch, size)
                 results.add("inference", label, f"pycaffe, {baseline_name(prefix)}", rates, "images/s",
@@ -633,10 +654,15 @@ def write_training(folder, net, iterations, mode="CPU"):
 
 
 def bench_training(plan, results, reference, work):
-    size, batch = nets.get(TRAIN_NET).preprocessing.input_size, plan.train_batch
-    folder = work / "train"
-    solver = write_training(folder, dummy_train_net(TRAIN_NET, batch, size), plan.warmup + plan.repeats + 1)
-    label = f"{TRAIN_NET} {size}px, batch {batch}"
+    for name in plan.train_nets:
+        bench_training_net(name, plan, results, reference, work)
+
+
+def bench_training_net(name, plan, results, reference, work):
+    size, batch = nets.get(name).preprocessing.input_size, plan.train_batch
+    folder = work / "train" / name
+    solver = write_training(folder, dummy_train_net(name, batch, size), plan.warmup + plan.repeats + 1)
+    label = f"{name} {size}px, batch {batch}"
     ours = results.add("training", label, "caffe train", caffe_train_rates(solver, batch, plan), "images/s")
     for prefix in plan.baselines:
         results.add("training", label, f"caffe train, {baseline_name(prefix)}",
@@ -658,9 +684,9 @@ def feature_setup(plan, work):
     import cv2
     from google.protobuf import text_format
 
-    _, _, weights = write_deploy(TRAIN_NET, work)
-    folder = work / TRAIN_NET
-    test = nets.build(TRAIN_NET, "test")
+    _, _, weights = write_deploy(FEATURE_NET, work)
+    folder = work / FEATURE_NET
+    test = nets.build(FEATURE_NET, "test")
     for layer in test.layer:
         if layer.type == "ImageData":
             layer.transform_param.ClearField("mean_file")
@@ -688,7 +714,7 @@ def bench_features(plan, results, work):
     def extract_once():
         out["dir"] = work / f"extract_{next(runs)}"
         features.extract(str(test_file), str(weights), out["dir"], blob="prob", frame_list=frame_list, batch=64)
-    label = f"{TRAIN_NET}, {plan.feature_images} images, blob prob"
+    label = f"{FEATURE_NET}, {plan.feature_images} images, blob prob"
     results.add("features", label, "extract_features + leveldb2mat", measure(extract_once, plan.feature_images, plan),
                 "images/s")
     store, batches = out["dir"] / "prob_leveldb", math.ceil(plan.feature_images / 64)
@@ -783,7 +809,9 @@ def markdown(report):
 def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
     started = time.monotonic()
     results = Results()
-    with tempfile.TemporaryDirectory(prefix="emotiw-bench-") as tmp:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bench-work-", dir=out) as tmp:  # nothing written outside out
         work = Path(tmp)
         reference = Reference(reference_python, work, results)
         machine = use_threads(plan.threads)
@@ -813,8 +841,6 @@ def run_bench(plan, out, reference_python=REFERENCE_PYTHON):
               "reference_env": reference_env, "elapsed_s": time.monotonic() - started,
               "under_load": busiest > machine["usable_cores"] * 0.75 + 1, "rows": results.rows,
               "ratios": results.ratios, "skipped": results.skipped}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(report, indent=1, default=list) + "\n")
     atomic_write_text(out / "results.md", markdown(report))
     return report
@@ -831,6 +857,8 @@ def register(subparsers):
     parser.add_argument("--out", default=str(REPO / "bench"), help="folder for results.md/json (default: bench/)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--nets", help="comma-separated inference nets (default: all six)")
+    parser.add_argument("--train-nets", help="comma-separated training nets (default: "
+                                             f"{','.join(TRAIN_NETS)}; --quick: the first)")
     parser.add_argument("--batches", help="comma-separated inference batch sizes (default 1,32; --quick: 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (at least 5)")
     parser.add_argument("--reference-python", default=str(REFERENCE_PYTHON),
@@ -859,6 +887,11 @@ def plan_from(args):
         known = {name for name, _, _ in INFERENCE_NETS}
         if not set(plan.nets) <= known:
             raise UserError(f"--nets: unknown {', '.join(sorted(set(plan.nets) - known))}; choose from {', '.join(sorted(known))}")
+    if args.train_nets:
+        plan.train_nets = tuple(args.train_nets.split(","))
+        if not set(plan.train_nets) <= set(nets.names()):
+            raise UserError(f"--train-nets: unknown {', '.join(sorted(set(plan.train_nets) - set(nets.names())))}; "
+                            f"choose from {', '.join(nets.names())}")
     if args.batches:
         try:
             plan.batches = tuple(int(b) for b in args.batches.split(","))

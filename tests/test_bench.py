@@ -33,9 +33,18 @@ def test_writes_machine_rows_and_markdown(quick_report):
     ours = [row for row in report["rows"] if row["impl"] in ("libcaffe's BLAS (ctypes)", "pycaffe", "OpenCV DNN")]
     assert {row["section"] for row in ours} == {"gemm", "inference"}
     for row in report["rows"]:
-        assert row["repeats"] >= 5 and 0 < row["min"] <= row["median"] <= row["max"]
+        assert row["repeats"] >= (1 if row["section"] == "memory" else 5) and 0 < row["min"] <= row["median"] <= row["max"]
     markdown = (out / "results.md").read_text()
     assert machine["cpu"] in markdown and "| inference |" in markdown
+    assert sorted(path.name for path in out.iterdir()) == ["results.json", "results.md"]  # its work folder gone
+
+
+def test_memory_rows_give_the_peak_rss_of_both_convolution_paths(quick_report):
+    _, report = quick_report
+    rows = {row["impl"]: row for row in report["rows"] if row["section"] == "memory"}
+    assert set(rows) == {"pycaffe, oneDNN convolutions", "pycaffe, CAFFE_DNNL=0"}
+    for row in rows.values():  # a process with numpy, pycaffe and HoloNet's weights: tens of MB at least
+        assert row["unit"] == "MB" and row["name"] == "sse_holonet_3conv-s_concat 128px, batch 1" and row["median"] > 50
 
 
 def test_fraction_of_ceiling_is_rate_times_flops(quick_report):
@@ -84,7 +93,7 @@ def test_sgemm_through_caffes_openblas_multiplies():
 
 
 def test_dummy_train_net_has_the_train_losses_and_no_data_layer():
-    net = bench.dummy_train_net(bench.TRAIN_NET, 2, 128)
+    net = bench.dummy_train_net(bench.TRAIN_NETS[0], 2, 128)
     types = [layer.type for layer in net.layer]
     assert types[0] == "DummyData" and "Data" not in types and "Accuracy" not in types
     assert types.count("SoftmaxWithLoss") >= 1

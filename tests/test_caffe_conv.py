@@ -1,10 +1,12 @@
 """The convolution of the installed Caffe (caffe_patches/0004: chunks of images per GEMM on the CPU;
 0005: im2col and col2im by rows) against an independent float64 formula on the layer shapes of our
-nets, its im2col and col2im against numpy's, and the patched build against the one without our speed
-patches (0004, 0005) on whole nets, forward and backward."""
+nets, its im2col and col2im against numpy's, the patched build against the one without our speed
+patches (0004, 0005, 0008) on whole nets, forward and backward, and oneDNN's convolutions (0007) against
+Caffe's own: which passes run on it, whole nets, and 50 training iterations."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -340,35 +342,38 @@ def dnnl_build():
     return linked
 
 
-def test_convolutions_run_forward_on_onednn_as_caffe_dnnl_says(tmp_path):
-    """oneDNN's verbose log names the convolutions it ran: those of engine DEFAULT, never `engine:
-    CAFFE` ones; by default for batches of 2 and more only, with CAFFE_DNNL=1 for one image too, and
-    none with CAFFE_DNNL=0."""
+def test_convolutions_run_on_onednn_as_caffe_dnnl_says(tmp_path):
+    """oneDNN's verbose log names the convolution passes it ran (forward, and backward to the data and
+    to the weights): those of engine DEFAULT, never `engine: CAFFE` ones; by default for batches of 2
+    and more only, with CAFFE_DNNL=1 for one image too, and none with CAFFE_DNNL=0."""
     prefix = dnnl_build()
     runs = {}
     for batch in (1, 2):
         net = tmp_path / f"net{batch}.prototxt"
         net.write_text(f'input: "data" input_shape {{ dim: {batch} dim: 3 dim: 12 dim: 12 }}\n'
+                       'force_backward: true\n'
                        'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
                        ' num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }\n'
                        'layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {'
                        ' num_output: 4 kernel_size: 3 engine: CAFFE weight_filler { type: "gaussian" } } }\n')
-        code = f"import caffe; caffe.Net({str(net)!r}, caffe.TEST).forward()"
+        code = f"import caffe; net = caffe.Net({str(net)!r}, caffe.TRAIN); net.forward(); net.backward()"
         for switch in ("1", "0", None):
             env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin",
                    "ONEDNN_VERBOSE": "1", "GLOG_minloglevel": "2", **({"CAFFE_DNNL": switch} if switch else {})}
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            runs[batch, switch] = len([line for line in done.stdout.splitlines()
-                                       if line.startswith("onednn_verbose,exec,cpu,convolution")])
-    # layer b asked for Caffe's own
-    assert runs == {(1, "1"): 1, (1, "0"): 0, (1, None): 0, (2, "1"): 1, (2, "0"): 0, (2, None): 1}
+            passes = [line.split(",")[5] for line in done.stdout.splitlines()
+                      if line.startswith("onednn_verbose,exec,cpu,convolution")]
+            runs[batch, switch] = sorted(passes)
+    on_onednn = ["backward_data", "backward_weights", "forward_inference"]  # layer a's; b asked for Caffe's
+    assert runs == {(1, "1"): on_onednn, (1, "0"): [], (1, None): [],
+                    (2, "1"): on_onednn, (2, "0"): [], (2, None): on_onednn}
 
 
 def test_onednn_forward_agrees_with_caffes_own_on_the_nets(tmp_path):
     """Every output of the forward pass of every quick net, and DSN-ResNet-50 (dilated), within
-    ONEDNN_TOLERANCE with oneDNN and with Caffe's own convolutions; the quick nets' gradients (Caffe's
-    backward pass either way, from each forward's outputs) within MKL_GRADIENT_TOLERANCE as a whole:
-    DenseNet's backward pass amplifies float32 rounding, as between MKL and OpenBLAS."""
+    ONEDNN_TOLERANCE with oneDNN and with Caffe's own convolutions; the quick nets' gradients (oneDNN's
+    backward pass against Caffe's) within MKL_GRADIENT_TOLERANCE as a whole: DenseNet's backward pass
+    amplifies float32 rounding, as between MKL and OpenBLAS."""
     prefix = dnnl_build()
     names = [*QUICK_NETS, "dsn_resnet50"]
     folders = {switch: outputs(prefix, names, 2, tmp_path, CAFFE_DNNL=switch) for switch in ("1", "0")}
@@ -384,3 +389,32 @@ def test_onednn_forward_agrees_with_caffes_own_on_the_nets(tmp_path):
                                 for blobs in (ours, theirs))
         error = np.linalg.norm(ours_all - theirs_all) / max(np.linalg.norm(theirs_all), 1e-30)
         assert error <= MKL_GRADIENT_TOLERANCE, f"{name} gradients: {error:.2e}"
+
+
+# glog's lines of `caffe train` with display: 1 ("Iteration 7 (3.1 iter/s, 0.32s/1 iters), loss = 1.9",
+# and "Iteration 50, loss = 0.02" after the last step)
+LOSS_LINE = re.compile(r"Iteration (\d+)[ ,].*loss = (\S+)$", re.MULTILINE)
+
+
+def test_training_on_onednn_tracks_caffes_own_losses(tmp_path):
+    """50 iterations of `caffe train` on HoloNet (random images and labels, batch 32 as the bench
+    trains, one seed): with oneDNN's convolutions, forward and backward (CAFFE_DNNL=1), every loss is
+    within 1e-3 of the one with Caffe's own (CAFFE_DNNL=0), while the losses fall by orders of
+    magnitude. (Measured: at most 1.4e-4 apart; at batch 16, 1.0e-3: the BatchNorm statistics of fewer
+    images amplify float32 rounding.)"""
+    from bench.bench import dummy_train_net, write_training
+
+    prefix = dnnl_build()
+    name = "sse_holonet_3conv-s_concat"
+    solver = write_training(tmp_path, dummy_train_net(name, 32, nets.get(name).preprocessing.input_size), 50)
+    losses = {}
+    for switch in ("1", "0"):
+        env = {"PATH": "/usr/bin:/bin", "CAFFE_DNNL": switch, "GLOG_logtostderr": "1"}
+        done = subprocess.run([str(prefix / "bin" / "caffe"), "train", "--solver", str(solver)], env=env,
+                              capture_output=True, text=True, check=True)
+        losses[switch] = dict((int(step), float(loss)) for step, loss in LOSS_LINE.findall(done.stderr))
+    assert sorted(losses["1"]) == sorted(losses["0"]) == list(range(51))
+    first, last = losses["0"][0], losses["0"][50]
+    assert last < first / 100
+    worst = max(abs(losses["1"][step] - losses["0"][step]) for step in range(51))
+    assert worst <= 1e-3, f"the losses differ by up to {worst:.2e}"

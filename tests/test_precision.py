@@ -1,6 +1,6 @@
 """--precision bf16: the convolutions' inputs and weights in bfloat16 on oneDNN (caffe_patches/0007),
 against fp32 on real face crops of the carphone clip with the trained fer2013 mini-Xception, end to
-end through `emotiw test`; and the one-line refusals where bf16 cannot run."""
+end through `emotiw test` and `emotiw extract`; and the one-line refusals where bf16 cannot run."""
 
 import json
 import subprocess
@@ -60,6 +60,25 @@ def test_bf16_scores_real_faces_as_fp32_does(carphone_crops):
     fp32, bf16 = frames["fp32"], frames["bf16"]
     assert len(fp32) >= 100
     assert not np.array_equal(fp32, bf16)  # bf16 did run: its rounding shows
+    agreement = np.mean(fp32.argmax(axis=1) == bf16.argmax(axis=1))
+    difference = np.abs(fp32 - bf16).max()
+    assert agreement >= 0.99 and difference <= BF16_PROBABILITY_TOLERANCE, (agreement, difference)
+
+
+def test_extract_in_bf16_gives_the_features_fp32_gives(carphone_crops):
+    """`emotiw extract --precision bf16` (Caffe's extract_features, its convolutions in bf16): the prob
+    features of the crops keep the argmax of at least 99 % and stay within BF16_PROBABILITY_TOLERANCE
+    of fp32's; a bf16 run into the fp32 run's folder extracts again instead of keeping fp32's store."""
+    needs_bf16()
+    videos, caffemodel, work = carphone_crops
+    out = work / "extract"
+    feats = {precision: emotiw.extract(fer.NAME, caffemodel, out, video_list=videos, batch=32,
+                                       precision=precision).variables["feats"]
+             for precision in ("fp32", "bf16")}
+    assert json.loads((out / "extract.json").read_text())["precision"] == "bf16"
+    fp32, bf16 = feats["fp32"], feats["bf16"]
+    assert fp32.shape == bf16.shape and len(fp32) >= 100
+    assert not np.array_equal(fp32, bf16)
     agreement = np.mean(fp32.argmax(axis=1) == bf16.argmax(axis=1))
     difference = np.abs(fp32 - bf16).max()
     assert agreement >= 0.99 and difference <= BF16_PROBABILITY_TOLERANCE, (agreement, difference)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emotiw.cli.options import add_allow_partial, add_fold, add_mean_file, add_net, add_ray, add_weights
+from emotiw.cli.options import add_allow_partial, add_fold, add_mean_file, add_net, add_precision, add_ray, add_weights
 from emotiw.stages.extract import DATABASES, extract, leveldb2mat
 
 
@@ -29,6 +29,7 @@ def register(subparsers):
     add_fold(parser, "features")
     add_ray(parser)
     add_mean_file(parser)
+    add_precision(parser)
     parser.set_defaults(func=run_extract)
 
     convert = subparsers.add_parser(
@@ -61,7 +62,8 @@ def describe(variables):
 def run_extract(args):
     result = extract(args.net, args.weights, args.out, blob=args.blob, frame_list=args.list,
                      video_list=args.videos, db=args.db, batch=args.batch, v73=args.v73,
-                     allow_partial=args.allow_partial, fold=args.fold, ray=args.ray, mean_file=args.mean_file)
+                     allow_partial=args.allow_partial, fold=args.fold, ray=args.ray, mean_file=args.mean_file,
+                     precision=args.precision)
     print(f"wrote {result.mat}: {describe(result.variables)}")
     return 0
 

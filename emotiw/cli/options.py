@@ -37,7 +37,8 @@ def add_precision(parser):
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (default), or bf16: the convolutions' inputs and weights in bfloat16 on oneDNN, "
                              "summed in fp32, 1.2-1.8x faster at batch 32 (bench/NOTES.md); needs a CPU with "
-                             "AVX512-BF16 or AMX and pycaffe (probabilities within about 2e-2 of fp32)")
+                             "AVX512-BF16 or AMX and a CPU build of Caffe, not --backend opencv (probabilities "
+                             "within about 2e-2 of fp32)")
 
 
 def add_allow_partial(parser, verb):

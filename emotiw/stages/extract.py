@@ -27,6 +27,7 @@ import numpy as np
 
 from emotiw.caffe.fold import fold_files
 from emotiw.caffe.proto import data_layers_in_test, read_net_param
+from emotiw.caffe.runtime import caffe_precision, check_precision
 from emotiw.caffe.transform import find_mean_file
 from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
 from emotiw.caffe.weights import check_weights
@@ -150,9 +151,9 @@ def folded_files(net, net_file, weights, out, blob):
         yield folded if fold_files(net, weights, *folded, keep=[blob]) else (net_file, weights)
 
 
-def run_extract_features(weights, net_file, blob, store, num_batches, db, log_path, progress):
-    """Caffe's extract_features into a fresh `store`, built beside it and renamed when complete;
-    `progress` gets the number of images done since its last call."""
+def run_extract_features(weights, net_file, blob, store, num_batches, db, log_path, progress, precision):
+    """Caffe's extract_features into a fresh `store`, built beside it and renamed when complete, its
+    convolutions in `precision`; `progress` gets the number of images done since its last call."""
     partial = store.with_name(f".{store.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)  # an interrupted run's leftovers: extract_features refuses an existing store
@@ -165,19 +166,20 @@ def run_extract_features(weights, net_file, blob, store, num_batches, db, log_pa
             progress(int(match.group(1)) - reported)
             reported = int(match.group(1))
 
-    status, logged = run_logged(command, log_path, on_line)
+    with caffe_precision(precision):  # the tool's environment
+        status, logged = run_logged(command, log_path, on_line)
     if status != 0:
         raise UserError(f"extract_features failed (exit {status}): {first_fatal_line(logged)}; "
                         f"full log in {log_path}")
     replace_dir(partial, store)
 
 
-def run_features(net, net_file, weights, blob, store, num_batches, db, log_path, fold, progress):
+def run_features(net, net_file, weights, blob, store, num_batches, db, log_path, fold, progress, precision):
     """run_extract_features on `net` (written at net_file), with fold on copies of the net and weights
     with BatchNorm and Scale folded, in a temporary folder beside net_file."""
     unfolded = contextlib.nullcontext((net_file, weights))
     with folded_files(net, net_file, weights, Path(net_file).parent, blob) if fold else unfolded as (run_net, run_weights):
-        run_extract_features(run_weights, run_net, blob, store, num_batches, db, log_path, progress)
+        run_extract_features(run_weights, run_net, blob, store, num_batches, db, log_path, progress, precision)
 
 
 # ------------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ PIECES_PER_WORKER = 4  # on Ray, a slow node or a killed worker holds up only a 
 PIECES = ".pieces"  # the pieces' work folders, inside OUT
 
 
-def extract_piece(net, weights, frames, labels, batch, blob, db, fold, work, progress=None):
+def extract_piece(net, weights, frames, labels, batch, blob, db, fold, precision, work, progress=None):
     """One task: extract_features over `frames` (whole mini-batches) into `work/store`, in the folder
     `work` inside OUT (made anew: a killed try leaves it). Returns extract_features' log."""
     work = Path(work)
@@ -196,11 +198,12 @@ def extract_piece(net, weights, frames, labels, batch, blob, db, fold, work, pro
     list_file, net_file, store, log = (work / name for name in ("frames.txt", "test.prototxt", "store", "log"))
     write_list(list_file, frames, labels)
     write_extract_net(net, image_data_layer(net, net_file), list_file, batch, net_file)
-    run_features(net, net_file, weights, blob, store, len(frames) // batch, db, log, fold, progress)
+    run_features(net, net_file, weights, blob, store, len(frames) // batch, db, log, fold, progress, precision)
     return log.read_text()
 
 
-def extract_pieces(executor, net, weights, frames, labels, batch, num_batches, blob, db, fold, store, log_path):
+def extract_pieces(executor, net, weights, frames, labels, batch, num_batches, blob, db, fold, precision, store,
+                   log_path):
     """extract_features in contiguous pieces of the mini-batches: one here, a few per worker on Ray.
     A local run's mini-batches cross clip boundaries (and a frame list has no clips), so each piece
     is given the very frames of its batches in one uninterrupted run (the last one the wrap-around
@@ -214,7 +217,8 @@ def extract_pieces(executor, net, weights, frames, labels, batch, num_batches, b
         pieces = np.array_split(np.arange(num_batches), min(num_batches, size))
         rows = [np.arange(piece[0] * batch, (piece[-1] + 1) * batch) % len(frames) for piece in pieces]
         works = [out / PIECES / f"{uuid4().hex}-{index}" for index in range(len(pieces))]
-        calls = [(net, weights, [frames[r] for r in piece], [labels[r] for r in piece], batch, blob, db, fold, work)
+        calls = [(net, weights, [frames[r] for r in piece], [labels[r] for r in piece], batch, blob, db, fold,
+                  precision, work)
                  for piece, work in zip(rows, works)]
         names = [f"mini-batches {piece[0]} to {piece[-1]}" for piece in pieces]
         logs = [""] * len(pieces)
@@ -246,7 +250,7 @@ class ExtractResult:
 
 
 def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db="leveldb", batch=None,
-            v73=False, allow_partial=False, fold=True, ray=None, mean_file=None) -> ExtractResult:
+            v73=False, allow_partial=False, fold=True, ray=None, mean_file=None, precision="fp32") -> ExtractResult:
     """Features of every listed frame with Caffe's extract_features, into a LevelDB/LMDB and a .mat.
 
     net: a registered name or a test.prototxt with one TEST-phase ImageData layer; weights: its
@@ -261,11 +265,13 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
     cluster, a few pieces of the mini-batches per worker, into the same store (extract_pieces):
     True for `ray.init()`, or the head node's HOST:PORT; every node must see the net, the weights
     and the frames at the same paths; mean_file: the mean.binaryproto the test net's ImageData layer
-    subtracts (default: the one the net names, found from the working directory or the repository).
+    subtracts (default: the one the net names, found from the working directory or the repository);
+    precision: fp32, or bf16 for the convolutions on oneDNN in bfloat16 (CPUs with AVX512-BF16 or AMX).
     A rerun with the same inputs skips extract_features and only rewrites the .mat.
     """
     if db not in DATABASES:
         raise UserError(f"unknown database {db!r}; choose leveldb or lmdb")
+    check_precision(precision)
     if not Path(weights).is_file():
         raise UserError(f"weights file {weights} not found; pass the trained .caffemodel with --weights")
     ref = resolve_net(net, "test")
@@ -302,14 +308,16 @@ def extract(net, weights, out, blob="prob", frame_list=None, video_list=None, db
         store = out / f"{safe_name(blob)}_{db}"
         record = {"weights": file_identity(weights), "net": net_file.read_text(), "frames": list_file.read_text(),
                   "blob": blob, "batches": num_batches, "backend": db, "fold": fold}
+        if precision != "fp32":  # fp32 runs keep the records of stores written before bf16 existed
+            record["precision"] = precision
         record_file = out / "extract.json"
         done = store.is_dir() and read_state(record_file, "extract") == record
         if done:
             print(f"{store} is up to date; not extracting again", file=sys.stderr)
         else:
             record_file.unlink(missing_ok=True)
-            extract_pieces(executor, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, store,
-                           out / "extract_features.log")
+            extract_pieces(executor, net_param, weights, frames, labels, batch, num_batches, blob, db, fold, precision,
+                           store, out / "extract_features.log")
             atomic_write_text(record_file, json.dumps(record))
         mat = out / "features.mat"
         variables = leveldb2mat(store, num_batches, batch, None, mat, num_images=len(frames),
