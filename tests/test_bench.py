@@ -43,8 +43,9 @@ def test_memory_rows_give_the_peak_rss_of_both_convolution_paths(quick_report):
     _, report = quick_report
     rows = {row["impl"]: row for row in report["rows"] if row["section"] == "memory"}
     assert set(rows) == {"pycaffe, oneDNN convolutions", "pycaffe, CAFFE_DNNL=0"}
-    with open("/proc/self/status") as status:  # this test process: every module and net of the run so far
-        ours = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    from bench.baseline import peak_rss_mb
+
+    ours = peak_rss_mb()  # this test process: every module and net of the run so far
     for row in rows.values():  # a process with numpy, pycaffe and HoloNet's weights: tens of MB at least
         assert row["unit"] == "MB" and row["name"] == "sse_holonet_3conv-s_concat 128px, batch 1"
         assert 50 < row["median"] < ours  # its own peak, not the forking bench's
