@@ -342,10 +342,23 @@ def dnnl_build():
     return linked
 
 
+def onednn_passes(prefix, net, code, **environment):
+    """The convolution passes oneDNN's verbose log names (forward_inference, backward_data, ...) for
+    `code` run with pycaffe on `net` in a fresh process with `environment` (None: unset)."""
+    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1",
+           "GLOG_minloglevel": "2", **{name: value for name, value in environment.items() if value is not None}}
+    done = subprocess.run([sys.executable, "-c", f"import caffe; net = caffe.Net({str(net)!r}, caffe.{code}"],
+                          env=env, capture_output=True, text=True, check=True)
+    return sorted(line.split(",")[5] for line in done.stdout.splitlines()
+                  if line.startswith("onednn_verbose,exec,cpu,convolution"))
+
+
 def test_convolutions_run_on_onednn_as_caffe_dnnl_says(tmp_path):
     """oneDNN's verbose log names the convolution passes it ran (forward, and backward to the data and
-    to the weights): those of engine DEFAULT, never `engine: CAFFE` ones; by default for batches of 2
-    and more only, with CAFFE_DNNL=1 for one image too, and none with CAFFE_DNNL=0."""
+    to the weights): those of engine DEFAULT and of `engine: CAFFE` (released prototxts set it against
+    cuDNN), by default for batches of 2 and more only, with CAFFE_DNNL=1 for one image too, and none with
+    CAFFE_DNNL=0; a TEST net's one image runs on oneDNN where the weights are promised constant
+    (CAFFE_DNNL_CONSTANT_WEIGHTS=1, which TRAIN nets ignore)."""
     prefix = dnnl_build()
     runs = {}
     for batch in (1, 2):
@@ -356,26 +369,58 @@ def test_convolutions_run_on_onednn_as_caffe_dnnl_says(tmp_path):
                        ' num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }\n'
                        'layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {'
                        ' num_output: 4 kernel_size: 3 engine: CAFFE weight_filler { type: "gaussian" } } }\n')
-        code = f"import caffe; net = caffe.Net({str(net)!r}, caffe.TRAIN); net.forward(); net.backward()"
         for switch in ("1", "0", None):
-            env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin",
-                   "ONEDNN_VERBOSE": "1", "GLOG_minloglevel": "2", **({"CAFFE_DNNL": switch} if switch else {})}
-            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            passes = [line.split(",")[5] for line in done.stdout.splitlines()
-                      if line.startswith("onednn_verbose,exec,cpu,convolution")]
-            runs[batch, switch] = sorted(passes)
-    on_onednn = ["backward_data", "backward_weights", "forward_inference"]  # layer a's; b asked for Caffe's
-    assert runs == {(1, "1"): on_onednn, (1, "0"): [], (1, None): [],
-                    (2, "1"): on_onednn, (2, "0"): [], (2, None): on_onednn}
+            for constant in ("1", None):
+                train = "TRAIN); net.forward(); net.backward()"
+                runs[batch, switch, constant] = onednn_passes(prefix, net, train, CAFFE_DNNL=switch,
+                                                              CAFFE_DNNL_CONSTANT_WEIGHTS=constant)
+        for constant in ("1", None):
+            runs[batch, "test", constant] = onednn_passes(prefix, net, "TEST); net.forward()",
+                                                          CAFFE_DNNL_CONSTANT_WEIGHTS=constant)
+    both = sorted(["backward_data", "backward_weights", "forward_inference"] * 2)  # layers a and b
+    assert runs == {(1, "1", "1"): both, (1, "1", None): both, (1, "0", "1"): [], (1, "0", None): [],
+                    (1, None, "1"): [], (1, None, None): [],
+                    (2, "1", "1"): both, (2, "1", None): both, (2, "0", "1"): [], (2, "0", None): [],
+                    (2, None, "1"): both, (2, None, None): both,
+                    (1, "test", "1"): ["forward_inference"] * 2, (1, "test", None): [],
+                    (2, "test", "1"): ["forward_inference"] * 2, (2, "test", None): ["forward_inference"] * 2}
+
+
+def test_kept_weights_follow_what_pycaffe_writes(tmp_path):
+    """A TEST net with its weights promised constant keeps them reordered between one-image passes, and
+    reorders them again after pycaffe writes them (`net.params[...][0].data[...] = ...`): doubling the
+    weights of a convolution without bias doubles its output, exactly."""
+    prefix = dnnl_build()
+    net = tmp_path / "net.prototxt"
+    net.write_text('input: "data" input_shape { dim: 1 dim: 16 dim: 10 dim: 10 }\n'
+                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
+                   ' num_output: 32 kernel_size: 3 bias_term: false weight_filler { type: "gaussian" } } }\n')
+    code = ("import numpy as np, caffe; caffe.set_random_seed(1); net = caffe.Net(%r, caffe.TEST)\n"
+            "net.blobs['data'].data[...] = np.random.default_rng(0).standard_normal((1, 16, 10, 10))\n"
+            "first = net.forward()['a'].copy(); again = net.forward()['a'].copy()\n"
+            "net.params['a'][0].data[...] *= 2; doubled = net.forward()['a'].copy()\n"
+            "np.save(%r, np.stack([first, again, doubled]))" % (str(net), str(tmp_path / "out.npy")))
+    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1",
+           "GLOG_minloglevel": "2", "CAFFE_DNNL_CONSTANT_WEIGHTS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    steps = [line.split(",")[3] + " " + line.split(",")[-2] for line in done.stdout.splitlines()
+             if line.startswith("onednn_verbose,exec,cpu,")]
+    passes = " ".join(step.split()[0] for step in steps if step.split()[1] in ("32x16x3x3", "mb1_ic16oc32_ih10oh8kh3sh1dh0ph0_iw10ow8kw3sw1dw0pw0"))
+    assert passes == "reorder convolution convolution reorder convolution"  # weights kept, then written
+    first, again, doubled = np.load(tmp_path / "out.npy")
+    assert np.abs(first).max() > 1
+    assert np.array_equal(first, again)
+    assert np.array_equal(doubled, 2 * first)
 
 
 def test_onednn_forward_agrees_with_caffes_own_on_the_nets(tmp_path):
-    """Every output of the forward pass of every quick net, and DSN-ResNet-50 (dilated), within
+    """Every output of the forward pass of every quick net, DSN-ResNet-50 (dilated) and DSN-VGG-Face
+    (whose `engine: CAFFE` convolutions run on oneDNN too), within
     ONEDNN_TOLERANCE with oneDNN and with Caffe's own convolutions; the quick nets' gradients (oneDNN's
     backward pass against Caffe's) within MKL_GRADIENT_TOLERANCE as a whole: DenseNet's backward pass
     amplifies float32 rounding, as between MKL and OpenBLAS."""
     prefix = dnnl_build()
-    names = [*QUICK_NETS, "dsn_resnet50"]
+    names = [*QUICK_NETS, "dsn_resnet50", "dsn_vgg_face"]
     folders = {switch: outputs(prefix, names, 2, tmp_path, CAFFE_DNNL=switch) for switch in ("1", "0")}
     for name in names:
         (_, ours), (_, theirs) = load(folders["1"], name), load(folders["0"], name)
@@ -418,3 +463,25 @@ def test_training_on_onednn_tracks_caffes_own_losses(tmp_path):
     assert last < first / 100
     worst = max(abs(losses["1"][step] - losses["0"][step]) for step in range(51))
     assert worst <= 1e-3, f"the losses differ by up to {worst:.2e}"
+
+
+def test_emotiw_inference_keeps_weights_for_one_image(tmp_path):
+    """emotiw's pycaffe runtime promises constant weights (CAFFE_DNNL_CONSTANT_WEIGHTS), so one image
+    runs on oneDNN with the weights reordered once: three passes, one weights reorder; the environment
+    is restored after the net is made."""
+    dnnl_build()
+    net = tmp_path / "net.prototxt"
+    net.write_text('input: "data" input_shape { dim: 1 dim: 16 dim: 10 dim: 10 }\n'
+                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
+                   ' num_output: 32 kernel_size: 3 weight_filler { type: "gaussian" } } }\n')
+    code = ("import os, numpy as np\nfrom emotiw.caffe.env import import_caffe\nfrom emotiw.caffe.runtime import PycaffeNet\n"
+            f"caffe = import_caffe(); caffe.Net({str(net)!r}, caffe.TEST).save({str(tmp_path / 'w.caffemodel')!r})\n"
+            f"net = PycaffeNet({str(net)!r}, {str(tmp_path / 'w.caffemodel')!r})\n"
+            "assert 'CAFFE_DNNL_CONSTANT_WEIGHTS' not in os.environ\n"
+            "for _ in range(3): net.forward(np.ones((1, 16, 10, 10), np.float32), ['a'])\n")
+    env = {"PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1", "GLOG_minloglevel": "2", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    steps = [line.split(",")[3] + " " + line.split(",")[-2] for line in done.stdout.splitlines()
+             if line.startswith("onednn_verbose,exec,cpu,")]
+    assert sum(step.startswith("convolution") for step in steps) == 3
+    assert sum(step == "reorder 32x16x3x3" for step in steps) == 1

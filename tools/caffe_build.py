@@ -14,7 +14,8 @@ CAFFE_CUDNN=1|0 (a CUDA build's layers on cuDNN 9, the default, from its pinned 
 system has none; or Caffe's own kernels), CAFFE_CUDA_ARCH (one GPU architecture, e.g. 90, instead of
 SASS for 80 and 90 and PTX for newer), CUDA_TOOLKIT_ROOT_DIR, CAFFE_SRC. CPU builds have the oneDNN
 engine for convolutions, forward and backward (Debian's oneDNN 2.6; caffe_patches/0007), used for
-batches of 2 and more unless CAFFE_DNNL=0 at run time, and run the loops of Caffe's other CPU layers on OpenMP's threads (0008), the
+batches of 2 and more (one image too for TEST nets with CAFFE_DNNL_CONSTANT_WEIGHTS=1) unless
+CAFFE_DNNL=0 at run time, and run the loops of Caffe's other CPU layers on OpenMP's threads (0008), the
 threads of OpenBLAS's OpenMP build and of oneDNN too. Commands: `install` (build or reuse, then link into the venv),
 `build` (build or reuse, print the prefix, link nothing), `unit-tests` (Caffe's own gtest suites of
 the layers our patches change, built once per build and run against it).
@@ -96,6 +97,8 @@ UNIT_TEST_SOURCES = ["test_convolution_layer.cpp", "test_im2col_layer.cpp", "tes
                      "test_neuron_layer.cpp", "test_power_layer.cpp", "test_scale_layer.cpp",
                      "test_concat_layer.cpp", "test_eltwise_layer.cpp", "test_math_functions.cpp",
                      "test_batch_norm_layer.cpp",
+                     # the versions 0007 gives SyncedMemory (oneDNN keeps weights reordered per version)
+                     "test_syncedmem.cpp",
                      # 0007's oneDNN convolutions against Caffe's, gradient check included (CPU builds)
                      "test_dnnl_convolution_layer.cpp"]
 # and, in CUDA builds, those of the other layers 0006 ports to cuDNN 9 (deconvolution, softmax, LRN;

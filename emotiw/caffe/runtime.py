@@ -55,18 +55,26 @@ def check_precision(precision, backend="auto"):
     return precision
 
 
+# CAFFE_DNNL_CONSTANT_WEIGHTS=1: we never write a TEST net's weights through an array kept from before
+# a pass, so oneDNN may keep them reordered for one-image passes (caffe_patches/README.md, 0007)
+INFERENCE_ENVIRONMENT = {"CAFFE_DNNL_CONSTANT_WEIGHTS": "1"}
+
+
 @contextlib.contextmanager
-def caffe_precision(precision):
-    """Within this block Caffe creates its convolutions in `precision` (read when a layer is made)."""
-    previous = os.environ.get("CAFFE_DNNL_PRECISION")
-    os.environ["CAFFE_DNNL_PRECISION"] = precision
+def caffe_inference(precision):
+    """Within this block Caffe creates inference layers (read when a layer is made): convolutions in
+    `precision`, with their weights promised constant."""
+    settings = {**INFERENCE_ENVIRONMENT, "CAFFE_DNNL_PRECISION": precision}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["CAFFE_DNNL_PRECISION"]
-        else:
-            os.environ["CAFFE_DNNL_PRECISION"] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 class PycaffeNet:
@@ -77,7 +85,7 @@ class PycaffeNet:
     def __init__(self, deploy, weights, fold=True, keep=(), precision="fp32"):
         caffe = import_caffe()
         caffe.set_mode_cpu()
-        with caffe_precision(precision):
+        with caffe_inference(precision):
             self.net = caffe.Net(str(deploy), caffe.TEST, weights=str(weights))
             self.chains = []
             if fold:

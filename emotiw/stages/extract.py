@@ -27,7 +27,7 @@ import numpy as np
 
 from emotiw.caffe.fold import fold_files
 from emotiw.caffe.proto import data_layers_in_test, read_net_param
-from emotiw.caffe.runtime import caffe_precision, check_precision
+from emotiw.caffe.runtime import caffe_inference, check_precision
 from emotiw.caffe.transform import find_mean_file
 from emotiw.caffe.tools import first_fatal_line, run_logged, tool_command
 from emotiw.caffe.weights import check_weights
@@ -166,7 +166,7 @@ def run_extract_features(weights, net_file, blob, store, num_batches, db, log_pa
             progress(int(match.group(1)) - reported)
             reported = int(match.group(1))
 
-    with caffe_precision(precision):  # the tool's environment
+    with caffe_inference(precision):  # the tool's environment
         status, logged = run_logged(command, log_path, on_line)
     if status != 0:
         raise UserError(f"extract_features failed (exit {status}): {first_fatal_line(logged)}; "
