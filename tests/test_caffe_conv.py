@@ -342,15 +342,29 @@ def dnnl_build():
     return linked
 
 
+# One convolution of one image, 16 -> 32 channels, that oneDNN runs on blocked layouts
+ONE_CONVOLUTION = ('input: "data" input_shape { dim: 1 dim: 16 dim: 10 dim: 10 }\n'
+                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
+                   ' num_output: 32 kernel_size: 3 bias_term: false weight_filler { type: "gaussian" } } }\n')
+ONE_CONVOLUTION_WEIGHTS = "32x16x3x3"  # oneDNN's name of its weights' reorder
+
+
+def onednn_steps(code, pythonpath, **environment):
+    """(primitive, propagation, problem) of each primitive oneDNN's verbose log names for the Python
+    `code` run in a fresh process with `pythonpath` and `environment` (None: unset)."""
+    env = {"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1", "GLOG_minloglevel": "2",
+           **{name: value for name, value in environment.items() if value is not None}}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return [(fields[3], fields[5], fields[-2]) for fields in (line.split(",") for line in done.stdout.splitlines()
+                                                           if line.startswith("onednn_verbose,exec,cpu,"))]
+
+
 def onednn_passes(prefix, net, code, **environment):
-    """The convolution passes oneDNN's verbose log names (forward_inference, backward_data, ...) for
-    `code` run with pycaffe on `net` in a fresh process with `environment` (None: unset)."""
-    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1",
-           "GLOG_minloglevel": "2", **{name: value for name, value in environment.items() if value is not None}}
-    done = subprocess.run([sys.executable, "-c", f"import caffe; net = caffe.Net({str(net)!r}, caffe.{code}"],
-                          env=env, capture_output=True, text=True, check=True)
-    return sorted(line.split(",")[5] for line in done.stdout.splitlines()
-                  if line.startswith("onednn_verbose,exec,cpu,convolution"))
+    """The convolution passes (forward_inference, backward_data, ...) oneDNN ran for `code` on `net`
+    with the pycaffe of the build at prefix."""
+    steps = onednn_steps(f"import caffe; net = caffe.Net({str(net)!r}, caffe.{code}",
+                         str(prefix / caffe_build.PYCAFFE_DIR), **environment)
+    return sorted(propagation for primitive, propagation, _ in steps if primitive == "convolution")
 
 
 def test_convolutions_run_on_onednn_as_caffe_dnnl_says(tmp_path):
@@ -392,20 +406,15 @@ def test_kept_weights_follow_what_pycaffe_writes(tmp_path):
     weights of a convolution without bias doubles its output, exactly."""
     prefix = dnnl_build()
     net = tmp_path / "net.prototxt"
-    net.write_text('input: "data" input_shape { dim: 1 dim: 16 dim: 10 dim: 10 }\n'
-                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
-                   ' num_output: 32 kernel_size: 3 bias_term: false weight_filler { type: "gaussian" } } }\n')
+    net.write_text(ONE_CONVOLUTION)
     code = ("import numpy as np, caffe; caffe.set_random_seed(1); net = caffe.Net(%r, caffe.TEST)\n"
             "net.blobs['data'].data[...] = np.random.default_rng(0).standard_normal((1, 16, 10, 10))\n"
             "first = net.forward()['a'].copy(); again = net.forward()['a'].copy()\n"
             "net.params['a'][0].data[...] *= 2; doubled = net.forward()['a'].copy()\n"
             "np.save(%r, np.stack([first, again, doubled]))" % (str(net), str(tmp_path / "out.npy")))
-    env = {"PYTHONPATH": str(prefix / caffe_build.PYCAFFE_DIR), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1",
-           "GLOG_minloglevel": "2", "CAFFE_DNNL_CONSTANT_WEIGHTS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    steps = [line.split(",")[3] + " " + line.split(",")[-2] for line in done.stdout.splitlines()
-             if line.startswith("onednn_verbose,exec,cpu,")]
-    passes = " ".join(step.split()[0] for step in steps if step.split()[1] in ("32x16x3x3", "mb1_ic16oc32_ih10oh8kh3sh1dh0ph0_iw10ow8kw3sw1dw0pw0"))
+    steps = onednn_steps(code, str(prefix / caffe_build.PYCAFFE_DIR), CAFFE_DNNL_CONSTANT_WEIGHTS="1")
+    passes = " ".join(primitive for primitive, _, problem in steps
+                      if primitive == "convolution" or problem == ONE_CONVOLUTION_WEIGHTS)
     assert passes == "reorder convolution convolution reorder convolution"  # weights kept, then written
     first, again, doubled = np.load(tmp_path / "out.npy")
     assert np.abs(first).max() > 1
@@ -471,17 +480,12 @@ def test_emotiw_inference_keeps_weights_for_one_image(tmp_path):
     is restored after the net is made."""
     dnnl_build()
     net = tmp_path / "net.prototxt"
-    net.write_text('input: "data" input_shape { dim: 1 dim: 16 dim: 10 dim: 10 }\n'
-                   'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {'
-                   ' num_output: 32 kernel_size: 3 weight_filler { type: "gaussian" } } }\n')
+    net.write_text(ONE_CONVOLUTION)
     code = ("import os, numpy as np\nfrom emotiw.caffe.env import import_caffe\nfrom emotiw.caffe.runtime import PycaffeNet\n"
             f"caffe = import_caffe(); caffe.Net({str(net)!r}, caffe.TEST).save({str(tmp_path / 'w.caffemodel')!r})\n"
             f"net = PycaffeNet({str(net)!r}, {str(tmp_path / 'w.caffemodel')!r})\n"
             "assert 'CAFFE_DNNL_CONSTANT_WEIGHTS' not in os.environ\n"
             "for _ in range(3): net.forward(np.ones((1, 16, 10, 10), np.float32), ['a'])\n")
-    env = {"PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1", "GLOG_minloglevel": "2", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    steps = [line.split(",")[3] + " " + line.split(",")[-2] for line in done.stdout.splitlines()
-             if line.startswith("onednn_verbose,exec,cpu,")]
-    assert sum(step.startswith("convolution") for step in steps) == 3
-    assert sum(step == "reorder 32x16x3x3" for step in steps) == 1
+    steps = onednn_steps(code, str(REPO))
+    assert sum(primitive == "convolution" for primitive, _, _ in steps) == 3
+    assert sum(step == ("reorder", "undef", ONE_CONVOLUTION_WEIGHTS) for step in steps) == 1
